@@ -1,0 +1,99 @@
+//! CRM connectors. Each CRM is one implementation of [`Connector`] in its own folder;
+//! nothing outside `src/crm/<name>/` knows that CRM's API.
+//!
+//! The daemon writes every CRM side effect as a durable job (see `store`); a worker per
+//! connector hands each job to [`Connector::deliver`], which must be idempotent: a job
+//! may be delivered again after a crash, so each step records its result through
+//! [`JobSteps`] and skips steps already done.
+
+pub mod bitrix24;
+pub mod kommo;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::calls::{CallFull, Stage};
+
+/// A boxed future, so that connectors can live behind `Arc<dyn Connector>`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One durable unit of CRM work: a call's stage to register in one CRM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Outbox row id.
+    pub id: i64,
+    /// `kommo` or `bitrix24`.
+    pub connector: String,
+    pub stage: Stage,
+    pub conversation_id: Option<String>,
+    pub call_full: CallFull,
+    /// How many times delivery was tried before this attempt.
+    pub attempts: u32,
+}
+
+/// How a delivery went wrong, which decides what the worker does next.
+#[derive(Debug, thiserror::Error)]
+pub enum CrmError {
+    /// Try again later (5xx, 429, network): after `retry_after` if the CRM said so.
+    #[error("{message}")]
+    Retryable {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// The CRM refused the request as invalid (e.g. 400 validation errors): retrying
+    /// will not help, the job goes to the dead letters with this detail for the admin.
+    #[error("{message}")]
+    Rejected { message: String },
+    /// Access is blocked (403, revoked token): stop sending to this CRM, keep the jobs,
+    /// alert the admin.
+    #[error("{message}")]
+    Blocked { message: String },
+}
+
+/// What a finished delivery produced, kept in the call journal.
+pub type DeliveryReport = serde_json::Value;
+
+/// Per-job step results, persisted so a redelivered job skips what was done.
+pub trait JobSteps: Send + Sync {
+    /// The stored result of `step` for this job, if it already ran.
+    fn get(&self, step: &str) -> Option<serde_json::Value>;
+    /// Record the result of `step` (durably, before the next step runs).
+    fn put(&self, step: &str, result: &serde_json::Value) -> Result<(), String>;
+}
+
+/// Who is responsible for a client in the CRM (for autodistribution).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Responsible {
+    /// The employee's internal number (extension).
+    pub extension: String,
+    /// Name to show as CallerID name (client or entity name).
+    pub name: String,
+    /// The CRM entity that matched, as the CRM describes it.
+    pub entity: serde_json::Value,
+}
+
+/// One CRM.
+pub trait Connector: Send + Sync {
+    /// `kommo` or `bitrix24`: the name used in config, jobs, logs and metrics.
+    fn name(&self) -> &'static str;
+
+    /// Whether this connector wants a job for this stage at all (so the outbox holds
+    /// only work that will be done).
+    fn wants(&self, stage: Stage) -> bool;
+
+    /// Deliver one job, idempotently.
+    fn deliver<'a>(
+        &'a self,
+        job: &'a Job,
+        steps: &'a dyn JobSteps,
+    ) -> BoxFuture<'a, Result<DeliveryReport, CrmError>>;
+
+    /// Find the responsible employee for a client phone, if any.
+    fn find_responsible<'a>(
+        &'a self,
+        phone: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Responsible>, CrmError>>;
+}

@@ -1,0 +1,2 @@
+//! `kolokol run`: wiring of AMI → tracker → customizations → outbox → CRM workers,
+//! plus the HTTP and FastAGI servers. (Being built: issue 6.)
