@@ -75,7 +75,11 @@ impl Config {
             let inner = e.into_inner();
             ConfigError::Invalid {
                 path: path.to_path_buf(),
-                key: if key == "." { "(top level)".into() } else { key },
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
                 reason: inner.message().trim().to_string(),
             }
         })?;

@@ -15,9 +15,15 @@ fn every_fixture_parses_without_malformed_frames() {
         let bytes = std::fs::read(&path).unwrap();
         let frames = parse_all(&bytes);
         let blocks = bytes.windows(4).filter(|w| w == b"\r\n\r\n").count();
-        let messages = frames.iter().filter(|f| matches!(f, Frame::Message(_))).count();
+        let messages = frames
+            .iter()
+            .filter(|f| matches!(f, Frame::Message(_)))
+            .count();
         assert!(matches!(frames[0], Frame::Banner(_)), "{path:?}");
-        assert!(!frames.iter().any(|f| matches!(f, Frame::Malformed(_))), "{path:?}");
+        assert!(
+            !frames.iter().any(|f| matches!(f, Frame::Malformed(_))),
+            "{path:?}"
+        );
         assert_eq!(messages, blocks, "{path:?}");
         seen += 1;
     }

@@ -392,8 +392,13 @@ mod tests {
             b"Asterisk Call Manager/13.0.0\r\nResponse: Success\r\nMessage: ok\r\n\r\nEvent: X\nA: b: c\n\n",
         );
         assert_eq!(frames.len(), 3);
-        assert_eq!(frames[0], Frame::Banner("Asterisk Call Manager/13.0.0".into()));
-        let Frame::Message(m) = &frames[2] else { panic!("not a message") };
+        assert_eq!(
+            frames[0],
+            Frame::Banner("Asterisk Call Manager/13.0.0".into())
+        );
+        let Frame::Message(m) = &frames[2] else {
+            panic!("not a message")
+        };
         assert_eq!(m.event(), Some("X"));
         assert_eq!(m.get("A"), Some("b: c"));
     }
@@ -405,10 +410,19 @@ mod tests {
         );
         let msgs: Vec<_> = frames
             .into_iter()
-            .filter_map(|f| if let Frame::Message(m) = f { Some(m) } else { None })
+            .filter_map(|f| {
+                if let Frame::Message(m) = f {
+                    Some(m)
+                } else {
+                    None
+                }
+            })
             .collect();
         assert_eq!(msgs.len(), 2);
-        assert_eq!(msgs[0].get_all("Output").collect::<Vec<_>>(), vec!["line one", "line two"]);
+        assert_eq!(
+            msgs[0].get_all("Output").collect::<Vec<_>>(),
+            vec!["line one", "line two"]
+        );
         assert_eq!(msgs[1].event(), Some("Y"));
     }
 
@@ -419,7 +433,9 @@ mod tests {
         input.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
         input.extend_from_slice(b"\r\n\r\nEvent: Bad\r\nV: \xff\xfe\r\n\r\nEvent: Good\r\n\r\n");
         let frames = parse_all(&input);
-        assert!(matches!(&frames[0], Frame::Malformed(m) if m.reason == MalformedReason::LineTooLong));
+        assert!(
+            matches!(&frames[0], Frame::Malformed(m) if m.reason == MalformedReason::LineTooLong)
+        );
         assert!(matches!(&frames[1], Frame::Malformed(m) if m.reason == MalformedReason::NotUtf8));
         assert!(matches!(&frames[2], Frame::Message(m) if m.event() == Some("Good")));
         assert_eq!(frames.len(), 3);

@@ -91,7 +91,9 @@ impl Message {
 
     #[inline]
     fn key_is(&self, f: &FieldSpan, key: &str) -> bool {
-        self.key_text(f).as_bytes().eq_ignore_ascii_case(key.as_bytes())
+        self.key_text(f)
+            .as_bytes()
+            .eq_ignore_ascii_case(key.as_bytes())
     }
 
     /// The key of a field. An empty key span marks a colon-less line of old-style
@@ -199,7 +201,10 @@ mod tests {
             ("Output", ""),
             ("Output", "b: c"),
         ]);
-        assert_eq!(m.get_all("output").collect::<Vec<_>>(), vec!["a", "", "b: c"]);
+        assert_eq!(
+            m.get_all("output").collect::<Vec<_>>(),
+            vec!["a", "", "b: c"]
+        );
         assert_eq!(m.response(), Some("Success"));
         assert_eq!(
             m.to_json(),

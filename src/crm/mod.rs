@@ -8,6 +8,7 @@
 
 pub mod bitrix24;
 pub mod kommo;
+pub mod rate_limit;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -96,4 +97,54 @@ pub trait Connector: Send + Sync {
         &'a self,
         phone: &'a str,
     ) -> BoxFuture<'a, Result<Option<Responsible>, CrmError>>;
+}
+
+/// OAuth tokens of one CRM account, as stored durably.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenSet {
+    pub access_token: String,
+    pub refresh_token: String,
+    /// Unix seconds when the access token expires.
+    pub expires_at: i64,
+}
+
+/// Durable token storage (SQLite in the daemon; in memory in tests). `put` must be
+/// atomic: a rotated refresh token that is lost locks the account out.
+pub trait TokenStore: Send + Sync {
+    fn get(&self, connector: &str) -> Option<TokenSet>;
+    fn put(&self, connector: &str, tokens: &TokenSet) -> Result<(), String>;
+}
+
+/// Tokens kept in memory only (tests, `long_lived_token` setups).
+#[derive(Debug, Default)]
+pub struct MemoryTokenStore(std::sync::Mutex<std::collections::HashMap<String, TokenSet>>);
+
+impl TokenStore for MemoryTokenStore {
+    fn get(&self, connector: &str) -> Option<TokenSet> {
+        self.0.lock().ok()?.get(connector).cloned()
+    }
+    fn put(&self, connector: &str, tokens: &TokenSet) -> Result<(), String> {
+        self.0
+            .lock()
+            .map_err(|_| "token store poisoned".to_string())?
+            .insert(connector.to_string(), tokens.clone());
+        Ok(())
+    }
+}
+
+/// Step results kept in memory (tests).
+#[derive(Debug, Default)]
+pub struct MemoryJobSteps(std::sync::Mutex<std::collections::HashMap<String, serde_json::Value>>);
+
+impl JobSteps for MemoryJobSteps {
+    fn get(&self, step: &str) -> Option<serde_json::Value> {
+        self.0.lock().ok()?.get(step).cloned()
+    }
+    fn put(&self, step: &str, result: &serde_json::Value) -> Result<(), String> {
+        self.0
+            .lock()
+            .map_err(|_| "step store poisoned".to_string())?
+            .insert(step.to_string(), result.clone());
+        Ok(())
+    }
 }
