@@ -70,7 +70,10 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let runner = Runner::new(hooks_config(&args.config, args.dir)?);
     let dir = &runner.config().dir;
     if !dir.is_dir() {
-        println!("customizations folder {} does not exist: no hook is installed", dir.display());
+        println!(
+            "customizations folder {} does not exist: no hook is installed",
+            dir.display()
+        );
     } else {
         println!("customizations folder {}", dir.display());
     }
@@ -180,7 +183,10 @@ async fn run_one(args: RunArgs) -> anyhow::Result<ExitCode> {
             if !tail.is_empty() {
                 eprintln!("stderr: {tail}");
             }
-            eprintln!("the daemon would use the default: {}", hook.default_behaviour());
+            eprintln!(
+                "the daemon would use the default: {}",
+                hook.default_behaviour()
+            );
             Ok(ExitCode::FAILURE)
         }
     }
