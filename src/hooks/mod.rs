@@ -1,5 +1,20 @@
 //! Customizations: admin executables run at each stage with JSON in and out.
-//! (Being built: issue 4.)
+//!
+//! An admin drops an executable named after a hook (`need_registration`,
+//! `process_client_phone.py`, ...) into `[customizations] dir`. At that point of a call
+//! kolokol runs it ([`Runner`]), writes the hook's input JSON to its stdin and reads
+//! `{"state": "success", "data": {...}}` from its stdout. A missing or broken script
+//! never stops a call: the run ends in [`HookOutcome::Default`] and kolokol carries on
+//! with its own behaviour. See `customizations/README.md` for every hook's JSON.
+
+pub mod metrics;
+pub mod names;
+pub mod runner;
+pub mod samples;
+
+pub use metrics::{FailureKind, HookMetrics, MetricsSnapshot};
+pub use names::{Hook, OnEmpty};
+pub use runner::{HookFailure, Installed, RunReport, Runner};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -42,6 +57,12 @@ mod humantime_serde_map {
         let raw = BTreeMap::<String, String>::deserialize(d)?;
         raw.into_iter()
             .map(|(k, v)| {
+                if super::Hook::from_name(&k).is_none() {
+                    return Err(serde::de::Error::custom(format!(
+                        "unknown hook {k:?} (known: {})",
+                        super::Hook::names()
+                    )));
+                }
                 humantime::parse_duration(&v)
                     .map(|dur| (k.clone(), dur))
                     .map_err(|e| serde::de::Error::custom(format!("{k}: {e}")))
@@ -61,6 +82,31 @@ pub enum HookOutcome {
     Cancelled,
     /// The hook is not installed or failed (reason says why): use the default.
     Default { reason: String },
+}
+
+impl HookOutcome {
+    /// True when the script asked to skip the request.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, HookOutcome::Cancelled)
+    }
+
+    /// The script's data, if it is to be used.
+    pub fn data(&self) -> Option<&Value> {
+        match self {
+            HookOutcome::Data(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// The decision of `need_registration`: register unless the script cancelled or
+/// answered `{"result": false}`. A failed or absent script registers the call.
+pub fn registration_wanted(outcome: &HookOutcome) -> bool {
+    match outcome {
+        HookOutcome::Cancelled => false,
+        HookOutcome::Data(v) => v.get("result").and_then(Value::as_bool) != Some(false),
+        HookOutcome::Default { .. } => true,
+    }
 }
 
 /// Runs customizations. The CRM connectors and the daemon depend on this trait, not on
