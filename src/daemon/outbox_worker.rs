@@ -342,9 +342,9 @@ pub fn render_prometheus(workers: &[&OutboxWorker], out: &mut String) {
 /// What one delivery came to, reported back to the loop.
 enum Outcome {
     Done,
-    Retry { retry_after: Option<Duration> },
+    Retry,
     Dead,
-    Blocked { message: String },
+    Blocked,
     StoreError,
 }
 
@@ -464,27 +464,9 @@ impl Worker {
             Ok((tid, outcome)) => {
                 running.remove(&tid);
                 match outcome {
-                    Outcome::Done | Outcome::Dead => {}
-                    Outcome::Retry { retry_after } => {
-                        // The delivery already paused the rate limiter; hold new jobs too.
-                        if let Some(ra) = retry_after {
-                            self.pause(ra, format!("{name} asked to retry after {ra:?}"));
-                        }
-                    }
-                    Outcome::Blocked { message } => {
-                        let until = now_ms() + ms(self.cfg.blocked_pause);
-                        tracing::error!(
-                            crm = name,
-                            error = %message,
-                            pause = %humantime::format_duration(self.cfg.blocked_pause),
-                            "the CRM refused access: deliveries to {name} are paused and its jobs kept; \
-                             fix the credentials or the account, deliveries resume automatically"
-                        );
-                        self.shared.set_gate(ConnectorState::Blocked {
-                            until_ms: until,
-                            reason: message,
-                        });
-                    }
+                    // Pauses and blocks were applied by the delivery itself, as soon
+                    // as the CRM answered.
+                    Outcome::Done | Outcome::Dead | Outcome::Retry | Outcome::Blocked => {}
                     Outcome::StoreError => {
                         self.pause(self.cfg.poll_interval, "database error".into());
                     }
@@ -587,11 +569,19 @@ impl Delivery {
                     tracing::warn!(crm = name, job_id = id, call_id, stage, attempts, error = %message,
                         retry_in = ?delay, "delivery failed, will retry");
                     stats.retried.fetch_add(1, Ordering::Relaxed);
-                    let r = self.store.mark_failed(id, &message, now + ms(delay)).await;
-                    if let (Some(ra), Some(l)) = (retry_after, &self.limiter) {
-                        l.pause_for(ra).await;
+                    if let Some(ra) = retry_after {
+                        // The CRM speaks for the whole account: hold every job and
+                        // every request, not just this one.
+                        self.shared.set_gate(ConnectorState::Paused {
+                            until_ms: now + ms(ra),
+                            reason: format!("{name} asked to retry after {ra:?}"),
+                        });
+                        if let Some(l) = &self.limiter {
+                            l.pause_for(ra).await;
+                        }
                     }
-                    (Outcome::Retry { retry_after }, r.map(|_| ()))
+                    let r = self.store.mark_failed(id, &message, now + ms(delay)).await;
+                    (Outcome::Retry, r.map(|_| ()))
                 }
             }
             Err(CrmError::Rejected { message }) => {
@@ -604,13 +594,28 @@ impl Delivery {
             }
             Err(CrmError::Blocked { message }) => {
                 stats.blocked.fetch_add(1, Ordering::Relaxed);
-                self.shared.lock().1 = Some(message.clone());
                 let next = now_ms() + ms(self.cfg.blocked_pause);
+                tracing::error!(
+                    crm = name,
+                    job_id = id,
+                    error = %message,
+                    pause = %humantime::format_duration(self.cfg.blocked_pause),
+                    "the CRM refused access: deliveries to {name} are paused and its jobs kept; \
+                     fix the credentials or the account, deliveries resume automatically"
+                );
+                {
+                    let mut g = self.shared.lock();
+                    g.1 = Some(message.clone());
+                }
+                self.shared.set_gate(ConnectorState::Blocked {
+                    until_ms: next,
+                    reason: message.clone(),
+                });
                 let r = self
                     .store
                     .postpone(id, &format!("blocked: {message}"), next)
                     .await;
-                (Outcome::Blocked { message }, r)
+                (Outcome::Blocked, r)
             }
         };
         match recorded {
