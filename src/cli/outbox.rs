@@ -124,7 +124,7 @@ fn print_jobs(jobs: &[OutboxJob], json: bool) -> anyhow::Result<()> {
     }
     writeln!(
         out,
-        "{:>8}  {:<9} {:<8} {:>4}  {:<24} {:<24} {:<22} ERROR",
+        "{:>8}  {:<9} {:<8} {:>4}  {:<24} {:<32} {:<18} ERROR",
         "ID", "CRM", "STATE", "TRY", "CALL", "STAGE", "WHEN"
     )?;
     let now = now_ms();
@@ -139,9 +139,8 @@ fn print_jobs(jobs: &[OutboxJob], json: bool) -> anyhow::Result<()> {
             (JobState::Pending, None) => format!("in {}", human_ms(j.next_attempt_at - now)),
             _ => format!("{} ago", human_ms(now - j.updated_at)),
         };
-        writeln!(
-            out,
-            "{:>8}  {:<9} {:<8} {:>4}  {:<24} {:<24} {:<22} {}",
+        let line = format!(
+            "{:>8}  {:<9} {:<8} {:>4}  {:<24} {:<32} {:<18} {}",
             j.id,
             j.connector,
             j.state.as_str(),
@@ -150,7 +149,8 @@ fn print_jobs(jobs: &[OutboxJob], json: bool) -> anyhow::Result<()> {
             stage,
             when,
             j.last_error.as_deref().unwrap_or("")
-        )?;
+        );
+        writeln!(out, "{}", line.trim_end())?;
     }
     out.flush()?;
     Ok(())
