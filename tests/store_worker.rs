@@ -598,3 +598,87 @@ async fn two_connectors_deliver_independently_and_report_metrics() {
     wk.join().await;
     wb.join().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_set_from_config_delivers_reports_and_prunes() {
+    use kolokol::daemon::outbox_worker::{OutboxWorkers, spawn_housekeeping};
+    use kolokol::store::StorageConfig;
+    let (_d, cfg, store) = temp_store();
+    let storage = StorageConfig {
+        retry_min: Duration::from_millis(20),
+        poll_interval: Duration::from_millis(50),
+        ..cfg
+    };
+    let kommo = TestCrm::new("kommo");
+    let b24 = TestCrm::new("bitrix24");
+    b24.script("w0", vec![Answer::Reject("no such user")]);
+    let cancel = CancellationToken::new();
+    let k: Arc<dyn Connector> = kommo.clone();
+    let b: Arc<dyn Connector> = b24.clone();
+    let set = OutboxWorkers::start(&store, vec![(k, None), (b, None)], &storage, &cancel);
+    let mut first = 0;
+    for c in 0..3 {
+        let ids = store
+            .enqueue_stage(
+                &event(&format!("w{c}"), Stage::CallEnded, None),
+                &["kommo", "bitrix24"],
+            )
+            .await
+            .unwrap();
+        if c == 0 {
+            first = ids[0];
+        }
+    }
+    wait_drained(&store, WAIT).await;
+    let st = set.statuses();
+    assert_eq!(st.len(), 2);
+    assert!(
+        st.iter().all(|s| s.state == ConnectorState::Running),
+        "{st:?}"
+    );
+    assert!(
+        eventually(WAIT, || set.workers()[0]
+            .stats()
+            .done
+            .load(Ordering::Relaxed)
+            == 3)
+        .await
+    );
+    let mut m = String::new();
+    set.render_prometheus(&mut m);
+    assert!(
+        m.contains("kolokol_crm_deliveries_total{crm=\"bitrix24\",result=\"rejected\"} 1"),
+        "{m}"
+    );
+    store
+        .depth()
+        .await
+        .unwrap()
+        .render_prometheus(now_ms(), &mut m);
+    assert!(
+        m.contains("kolokol_outbox_jobs{crm=\"bitrix24\",state=\"dead\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("kolokol_outbox_oldest_age_seconds 0"), "{m}");
+    cancel.cancel();
+    set.join().await;
+
+    // housekeeping deletes delivered jobs past keep_done, keeps the dead one
+    let hk = spawn_housekeeping(
+        store.clone(),
+        Duration::ZERO,
+        Duration::from_secs(60),
+        CancellationToken::new(),
+    );
+    assert!(eventually_async(|| async { store.job(first).await.is_err() }).await);
+    hk.abort();
+    let left = store
+        .list(ListFilter {
+            state: None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].state, JobState::Dead);
+}

@@ -630,3 +630,88 @@ impl Delivery {
         }
     }
 }
+
+/// The workers of every enabled CRM, started and stopped together: what `kolokol run`
+/// holds.
+pub struct OutboxWorkers {
+    workers: Vec<OutboxWorker>,
+    housekeeping: tokio::task::JoinHandle<()>,
+}
+
+impl OutboxWorkers {
+    /// One worker per connector (each with its rate limiter, if any), plus the
+    /// housekeeping task (prunes delivered jobs after `keep_done`, expired caches).
+    /// Everything stops when `cancel` fires; then [`OutboxWorkers::join`].
+    pub fn start(
+        store: &Store,
+        connectors: Vec<(Arc<dyn Connector>, Option<Arc<RateLimiter>>)>,
+        storage: &StorageConfig,
+        cancel: &CancellationToken,
+    ) -> OutboxWorkers {
+        let cfg = WorkerConfig::from(storage);
+        let workers = connectors
+            .into_iter()
+            .map(|(c, l)| OutboxWorker::spawn(store.clone(), c, l, cfg.clone(), cancel.clone()))
+            .collect();
+        let housekeeping = spawn_housekeeping(
+            store.clone(),
+            storage.keep_done,
+            Duration::from_secs(3600),
+            cancel.clone(),
+        );
+        OutboxWorkers {
+            workers,
+            housekeeping,
+        }
+    }
+
+    pub fn workers(&self) -> &[OutboxWorker] {
+        &self.workers
+    }
+
+    /// Every connector's status (for /healthz and systemd STATUS=).
+    pub fn statuses(&self) -> Vec<WorkerStatus> {
+        self.workers.iter().map(OutboxWorker::status).collect()
+    }
+
+    /// Delivery metrics of every worker, Prometheus text format.
+    pub fn render_prometheus(&self, out: &mut String) {
+        let refs: Vec<&OutboxWorker> = self.workers.iter().collect();
+        render_prometheus(&refs, out);
+    }
+
+    /// Wait for every worker to finish its in-flight jobs (after cancellation).
+    pub async fn join(self) {
+        for w in self.workers {
+            w.join().await;
+        }
+        let _ = self.housekeeping.await;
+    }
+}
+
+/// Every `every`: delete delivered/dropped jobs older than `keep_done` (the journal
+/// keeps their outcome) and expired cache entries.
+pub fn spawn_housekeeping(
+    store: Store,
+    keep_done: Duration,
+    every: Duration,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let before = now_ms() - ms(keep_done);
+            match store.prune_finished(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(jobs = n, "pruned delivered outbox jobs"),
+                Err(e) => tracing::warn!(error = %e, "cannot prune the outbox"),
+            }
+            if let Err(e) = store.cache_purge_expired().await {
+                tracing::warn!(error = %e, "cannot purge expired cache entries");
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(every.max(Duration::from_secs(1))) => {}
+            }
+        }
+    })
+}

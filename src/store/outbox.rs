@@ -120,6 +120,30 @@ impl OutboxDepth {
         self.oldest_pending_at
             .map(|t| Duration::from_millis(now_ms.saturating_sub(t).max(0) as u64))
     }
+
+    /// Append `kolokol_outbox_jobs{crm,state}` and `kolokol_outbox_oldest_age_seconds`
+    /// in Prometheus text format.
+    pub fn render_prometheus(&self, now_ms: i64, out: &mut String) {
+        use std::fmt::Write as _;
+        out.push_str(
+            "# HELP kolokol_outbox_jobs Outbox jobs waiting (pending) or given up (dead).\n",
+        );
+        out.push_str("# TYPE kolokol_outbox_jobs gauge\n");
+        for (crm, (pending, dead)) in &self.by_connector {
+            let _ = writeln!(
+                out,
+                "kolokol_outbox_jobs{{crm=\"{crm}\",state=\"pending\"}} {pending}"
+            );
+            let _ = writeln!(
+                out,
+                "kolokol_outbox_jobs{{crm=\"{crm}\",state=\"dead\"}} {dead}"
+            );
+        }
+        out.push_str("# HELP kolokol_outbox_oldest_age_seconds Age of the oldest pending job.\n");
+        out.push_str("# TYPE kolokol_outbox_oldest_age_seconds gauge\n");
+        let age = self.oldest_age(now_ms).map_or(0.0, |d| d.as_secs_f64());
+        let _ = writeln!(out, "kolokol_outbox_oldest_age_seconds {age}");
+    }
 }
 
 /// `connector|call_id|stage|conversation_id`: the same stage replayed after a crash maps

@@ -188,9 +188,12 @@ fn run_batch(conn: &mut Connection, batch: &mut [Box<dyn Op>]) -> Result<(), Sto
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for op in batch.iter_mut() {
         tx.execute_batch("SAVEPOINT op")?;
-        match op.run(&tx) {
-            Ok(()) => tx.execute_batch("RELEASE op")?,
-            Err(_) => tx.execute_batch("ROLLBACK TO op; RELEASE op")?,
+        // A panicking operation (a bug) fails alone instead of killing the thread
+        // that every caller depends on.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op.run(&tx)));
+        match ran {
+            Ok(Ok(())) => tx.execute_batch("RELEASE op")?,
+            Ok(Err(_)) | Err(_) => tx.execute_batch("ROLLBACK TO op; RELEASE op")?,
         }
     }
     tx.commit()?;
