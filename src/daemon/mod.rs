@@ -1,3 +1,5 @@
 //! `kolokol run`: wiring of AMI → tracker → customizations → outbox → CRM workers,
-//! plus the HTTP and FastAGI servers. (Being built: issue 6.)
+//! plus the HTTP and FastAGI servers.
+
+pub mod outbox_worker;
 pub mod systemd;
