@@ -85,9 +85,13 @@ pub enum LinkState {
 /// Everything that can go wrong talking to AMI. Messages say what to fix.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum AmiError {
-    #[error("cannot connect to AMI at {addr}: {reason} (is Asterisk running and manager.conf `enabled = yes`, `port`/`bindaddr` right?)")]
+    #[error(
+        "cannot connect to AMI at {addr}: {reason} (is Asterisk running and manager.conf `enabled = yes`, `port`/`bindaddr` right?)"
+    )]
     Connect { addr: String, reason: String },
-    #[error("AMI login refused for user '{user}' at {addr} (Asterisk said: {message}): check [ami] username/secret in the kolokol config and the [{user}] section of /etc/asterisk/manager.conf (secret, permit/deny)")]
+    #[error(
+        "AMI login refused for user '{user}' at {addr} (Asterisk said: {message}): check [ami] username/secret in the kolokol config and the [{user}] section of /etc/asterisk/manager.conf (secret, permit/deny)"
+    )]
     LoginRefused {
         user: String,
         addr: String,
@@ -420,7 +424,9 @@ impl Task {
                 attempt = 0;
             }
             match &error {
-                AmiError::LoginRefused { .. } => tracing::error!(ami = %addr, user = %self.config.username, "{error}"),
+                AmiError::LoginRefused { .. } => {
+                    tracing::error!(ami = %addr, user = %self.config.username, "{error}")
+                }
                 _ => tracing::warn!(ami = %addr, "{error}"),
             }
             self.push(AmiEvent::Disconnected {
@@ -476,7 +482,11 @@ impl Task {
     }
 
     /// Sleep through a backoff while still answering callers. True = stop.
-    async fn wait_backoff(&mut self, cmd_rx: &mut mpsc::Receiver<Command>, delay: Duration) -> bool {
+    async fn wait_backoff(
+        &mut self,
+        cmd_rx: &mut mpsc::Receiver<Command>,
+        delay: Duration,
+    ) -> bool {
         let deadline = Instant::now() + delay;
         let events_tx = self.events_tx.clone();
         loop {
@@ -559,15 +569,19 @@ impl Task {
                 ]),
                 AmiAuth::Md5 => {
                     let id = self.new_action_id();
-                    let challenge = Message::from_pairs(&[("Action", "Challenge"), ("AuthType", "MD5")]);
-                    let resp = hs.exchange(&mut reader, &mut writer, &challenge, &id).await?;
+                    let challenge =
+                        Message::from_pairs(&[("Action", "Challenge"), ("AuthType", "MD5")]);
+                    let resp = hs
+                        .exchange(&mut reader, &mut writer, &challenge, &id)
+                        .await?;
                     let Some(ch) = resp.get("Challenge").filter(|_| is_success(&resp)) else {
                         return Err(AmiError::LoginRefused {
                             user,
                             addr: addr.clone(),
                             message: format!(
                                 "MD5 challenge refused: {}",
-                                resp.get("Message").unwrap_or("no Challenge in the response")
+                                resp.get("Message")
+                                    .unwrap_or("no Challenge in the response")
                             ),
                         });
                     };
@@ -599,7 +613,10 @@ impl Task {
                 ]));
             }
             if let Some(mask) = &self.config.events {
-                setup.push(Message::from_pairs(&[("Action", "Events"), ("EventMask", mask.as_str())]));
+                setup.push(Message::from_pairs(&[
+                    ("Action", "Events"),
+                    ("EventMask", mask.as_str()),
+                ]));
             }
             for action in setup {
                 if let Err(e) = validate_action(&action) {
@@ -793,9 +810,9 @@ impl Task {
                 && let Some(p) = pending.get_mut(id)
                 && let Some((_, items)) = p.list.as_mut()
             {
-                let last = m
-                    .get("EventList")
-                    .is_some_and(|v| v.eq_ignore_ascii_case("Complete") || v.eq_ignore_ascii_case("Cancelled"));
+                let last = m.get("EventList").is_some_and(|v| {
+                    v.eq_ignore_ascii_case("Complete") || v.eq_ignore_ascii_case("Cancelled")
+                });
                 if !last {
                     if items.len() < MAX_LIST_ITEMS {
                         items.push(m);
@@ -833,8 +850,7 @@ impl Task {
             tracing::debug!(action_id = %id, "AMI response for an action nobody waits for (late or foreign)");
             return;
         };
-        if m
-            .get("EventList")
+        if m.get("EventList")
             .is_some_and(|v| v.eq_ignore_ascii_case("start"))
         {
             p.list = Some((m, Vec::new()));
@@ -857,7 +873,8 @@ impl Task {
 }
 
 fn is_success(m: &Message) -> bool {
-    m.response().is_some_and(|r| r.eq_ignore_ascii_case("Success"))
+    m.response()
+        .is_some_and(|r| r.eq_ignore_ascii_case("Success"))
 }
 
 fn note_malformed(counters: &Counters, addr: &str, bad: &Malformed, seen: u64) {
@@ -906,13 +923,18 @@ impl Handshake {
                     note_malformed(&self.counters, &self.addr, &bad, self.malformed_seen);
                     return Err(AmiError::Protocol {
                         addr: self.addr.clone(),
-                        reason: format!("expected the `Asterisk Call Manager/...` banner, got {:?}", bad.sample),
+                        reason: format!(
+                            "expected the `Asterisk Call Manager/...` banner, got {:?}",
+                            bad.sample
+                        ),
                     });
                 }
                 Frame::Message(m) => {
                     return Err(AmiError::Protocol {
                         addr: self.addr.clone(),
-                        reason: format!("expected the `Asterisk Call Manager/...` banner, got a message {m:?}"),
+                        reason: format!(
+                            "expected the `Asterisk Call Manager/...` banner, got a message {m:?}"
+                        ),
                     });
                 }
             }
@@ -1010,8 +1032,14 @@ mod tests {
 
     #[test]
     fn line_breaks_in_values_are_rejected() {
-        let msg = Message::from_pairs(&[("Action", "Originate"), ("Exten", "1\r\n\r\nAction: Logoff")]);
-        assert!(matches!(validate_action(&msg), Err(AmiError::InvalidAction(_))));
+        let msg = Message::from_pairs(&[
+            ("Action", "Originate"),
+            ("Exten", "1\r\n\r\nAction: Logoff"),
+        ]);
+        assert!(matches!(
+            validate_action(&msg),
+            Err(AmiError::InvalidAction(_))
+        ));
         let msg = Message::from_pairs(&[("Exten", "1")]);
         assert!(validate_action(&msg).is_err());
     }

@@ -366,7 +366,11 @@ impl IdRewriter {
             let new = chans
                 .entry((local, hex.as_bytes().to_vec()))
                 .or_insert_with(|| {
-                    let ctr = if local { &self.local_seq } else { &self.chan_seq };
+                    let ctr = if local {
+                        &self.local_seq
+                    } else {
+                        &self.chan_seq
+                    };
                     format!("{:08x}", ctr.fetch_add(1, Ordering::Relaxed)).into_bytes()
                 })
                 .clone();
@@ -577,7 +581,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Inner {
     fn update_logged_in(&self) {
-        let n = lock(&self.sessions).values().filter(|s| s.logged_in).count();
+        let n = lock(&self.sessions)
+            .values()
+            .filter(|s| s.logged_in)
+            .count();
         self.logged_in_tx.send_replace(n);
     }
 }
@@ -741,8 +748,16 @@ fn security_event(
     line(out, "EventVersion", "1");
     line(out, "AccountID", user);
     line(out, "SessionID", "0x7f82dc002c90");
-    line(out, "LocalAddress", &format!("IPV4/TCP/{local}").replace(':', "/"));
-    line(out, "RemoteAddress", &format!("IPV4/TCP/{peer}").replace(':', "/"));
+    line(
+        out,
+        "LocalAddress",
+        &format!("IPV4/TCP/{local}").replace(':', "/"),
+    );
+    line(
+        out,
+        "RemoteAddress",
+        &format!("IPV4/TCP/{peer}").replace(':', "/"),
+    );
     line(out, "RequestType", request);
     out.extend_from_slice(b"\r\n");
 }
@@ -983,7 +998,15 @@ mod tests {
         assert_eq!(ma[1].get("Linkedid"), ma[0].get("Uniqueid"));
         assert_ne!(ma[0].get("Uniqueid"), Some("1795305032.32"));
         assert_ne!(ma[0].get("Channel"), Some("PJSIP/trunk-0000001e"));
-        assert!(ma[0].get("Channel").is_some_and(|c| c.starts_with("PJSIP/trunk-")));
-        assert!(ma[1].get("Channel").is_some_and(|c| c.starts_with("Local/102@from-internal-") && c.ends_with(";1")));
+        assert!(
+            ma[0]
+                .get("Channel")
+                .is_some_and(|c| c.starts_with("PJSIP/trunk-"))
+        );
+        assert!(
+            ma[1]
+                .get("Channel")
+                .is_some_and(|c| c.starts_with("Local/102@from-internal-") && c.ends_with(";1"))
+        );
     }
 }
