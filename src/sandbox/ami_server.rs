@@ -648,6 +648,9 @@ impl Channels {
             self.live.remove(uid);
             return;
         }
+        if ev.eq_ignore_ascii_case("Cdr") {
+            return; // describes a finished leg, not a live channel
+        }
         let chan = self.live.entry(uid.to_string()).or_insert_with(|| Chan {
             fields: Vec::new(),
             application: String::new(),
@@ -655,10 +658,19 @@ impl Channels {
             bridge: String::new(),
             since: Instant::now(),
         });
-        chan.fields = SNAPSHOT
-            .iter()
-            .map(|k| (k.to_string(), m.get(k).unwrap_or("").to_string()))
-            .collect();
+        if chan.fields.is_empty() {
+            chan.fields = SNAPSHOT
+                .iter()
+                .map(|k| (k.to_string(), String::new()))
+                .collect();
+        }
+        // Only the fields this event carries: some events (Cdr, RTCP) have a
+        // Channel and Uniqueid but not the whole snapshot.
+        for (k, v) in chan.fields.iter_mut() {
+            if let Some(new) = m.get(k) {
+                new.clone_into(v);
+            }
+        }
         if ev.eq_ignore_ascii_case("Newexten") {
             chan.application = m.get("Application").unwrap_or("").into();
             chan.data = m.get("AppData").unwrap_or("").into();
