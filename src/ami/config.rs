@@ -30,6 +30,21 @@ pub struct AmiConfig {
     pub events: Option<String>,
     /// Optional server-side `Filter` expressions sent after login.
     pub filters: Vec<String>,
+    /// Limit for the TCP connect.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Limit for the banner + login exchange and for every action's response.
+    #[serde(with = "humantime_serde")]
+    pub action_timeout: Duration,
+    /// First reconnect delay; it doubles (with jitter) after each failed attempt.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay (at most 30 s is sensible: calls go untracked meanwhile).
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// How many messages may wait for the consumer (the call tracker) before the
+    /// client stops reading the socket (back-pressure instead of unbounded memory).
+    pub queue_capacity: usize,
 }
 
 impl Default for AmiConfig {
@@ -43,6 +58,22 @@ impl Default for AmiConfig {
             ping_interval: Duration::from_secs(10),
             events: None,
             filters: Vec::new(),
+            connect_timeout: Duration::from_secs(5),
+            action_timeout: Duration::from_secs(10),
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            queue_capacity: 8192,
+        }
+    }
+}
+
+impl AmiConfig {
+    /// `host:port`, for connecting and for log lines.
+    pub fn addr(&self) -> String {
+        if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
         }
     }
 }

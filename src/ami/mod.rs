@@ -8,6 +8,7 @@ pub mod codec;
 pub mod config;
 pub mod message;
 
+pub use client::{ActionResponse, AmiClient, AmiError, AmiEvent, AmiHandle, AmiStats, LinkState};
 pub use codec::{AmiCodec, Frame, Malformed, MalformedReason};
 pub use config::{AmiAuth, AmiConfig};
 pub use message::Message;
