@@ -1350,6 +1350,8 @@ impl Tracker {
                     name: String::new(),
                 },
             ),
+            // The employee's phone rung by a click-to-call Originate.
+            (true, Kind::Internal, _) if conv.is_some() => (parties.client.clone(), me),
             (true, _, _) => (me, parties.client.clone()),
             (false, Kind::Trunk, _) => (employee(), parties.client.clone()),
             (false, Kind::Internal, Direction::Internal) => (
