@@ -216,7 +216,7 @@ pub fn result_of_cause(cause: u16, answered: bool) -> u16 {
         1 => 404,
         3 | 28 => 484,
         17 => 486,
-        18 | 19 => 480,
+        18 | 19 | 20 => 480,
         21 => 603,
         34 | 38 | 41 | 42 => 503,
         _ => 487,
@@ -317,12 +317,7 @@ impl Tracker {
             "ParkedCall" => self.on_parked(m, true, at),
             "UnParkedCall" => self.on_unparked(m, at, out),
             "ParkedCallGiveUp" | "ParkedCallTimeOut" => self.on_parked(m, false, at),
-            "Rename" => {
-                let id = g(m, "Uniqueid");
-                if let (Some(ch), Some(new)) = (self.channels.get_mut(id), m.get("Newname")) {
-                    ch.name = new.to_string();
-                }
-            }
+            "Rename" => self.refresh_name(g(m, "Uniqueid"), g(m, "Newname")),
             _ => {}
         }
     }
@@ -440,23 +435,34 @@ impl Tracker {
         }
     }
 
-    /// Move a channel (and its conversation) into another call; end the old call if
-    /// nothing is left of it.
+    /// Move a channel (and its live conversation) into another call; end the old call
+    /// if nothing is left of it. The conversation ends in the old call and is
+    /// requested (and accepted, if talking) in the new one, so that each call's stages
+    /// stay complete.
     fn move_chan(&mut self, id: &str, to: &str, at: Time, out: &mut Vec<StageEvent>) {
         let Some(ch) = self.channels.get_mut(id) else {
             return;
         };
+        if !self.calls.contains_key(to) {
+            return;
+        }
         let from: Box<str> = std::mem::replace(&mut ch.call, to.into());
         let live = ch.end.is_none();
-        let mut conv = None;
+        let mut moved = None;
         if let Some(old) = self.calls.get_mut(&*from) {
             old.channels.retain(|c| &**c != id);
             if live {
                 old.live = old.live.saturating_sub(1);
             }
-            if let Some(pos) = old.convs.iter().position(|c| &*c.id == id) {
-                conv = Some(old.convs.remove(pos));
+            if let Some(conv) = old.conv_mut(id) {
+                if conv.ended.is_none() {
+                    moved = Some(conv.clone());
+                    conv.ended = Some(at);
+                }
             }
+        }
+        if moved.is_some() {
+            self.emit(&from, Stage::ConversationEnded, Some(id), at, out);
         }
         if let Some(new) = self.calls.get_mut(to) {
             new.channels.push(id.into());
@@ -464,8 +470,15 @@ impl Tracker {
                 new.live += 1;
             }
             new.last_event = at;
-            if let Some(c) = conv {
-                new.convs.push(c);
+            if let Some(c) = &moved {
+                new.convs.retain(|x| x.id != c.id);
+                new.convs.push(c.clone());
+            }
+        }
+        if let Some(c) = moved {
+            self.emit(to, Stage::ConversationRequested, Some(id), at, out);
+            if c.answered.is_some() {
+                self.emit(to, Stage::ConversationAccepted, Some(id), at, out);
             }
         }
         tracing::debug!(call_id = %to, channel = %id, from_call = %from, "channel moved between calls");
@@ -476,6 +489,25 @@ impl Tracker {
             }
             self.finish_call(&from, at, out);
         }
+    }
+
+    /// A channel's name can change under the same uniqueid (pickup and other
+    /// masquerades): follow it, and who it is.
+    fn refresh_name(&mut self, id: &str, name: &str) {
+        if name.is_empty() || name.contains("<ZOMBIE>") {
+            return;
+        }
+        let Some(ch) = self.channels.get_mut(id) else {
+            return;
+        };
+        if ch.name == name {
+            return;
+        }
+        let kind = self.classify.classify(name, &ch.context);
+        let (_, endpoint) = split_channel_name(name);
+        ch.name = name.to_string();
+        ch.kind = kind;
+        ch.endpoint = endpoint.to_string();
     }
 
     fn on_newexten(&mut self, m: &Message) {
@@ -722,6 +754,7 @@ impl Tracker {
     fn on_dial_end(&mut self, m: &Message, at: Time, out: &mut Vec<StageEvent>) {
         let dest = g(m, "DestUniqueid");
         let status = g(m, "DialStatus");
+        self.refresh_name(dest, g(m, "DestChannel"));
         let Some(ch) = self.channels.get(dest) else {
             return;
         };
@@ -735,7 +768,16 @@ impl Tracker {
             return;
         };
         // Queues repeat the losing member's DialEnd: only the first one counts.
-        if !conv.dial_status.is_empty() || conv.ended.is_some() {
+        if !conv.dial_status.is_empty() {
+            return;
+        }
+        if conv.ended.is_some() {
+            // The leg's Hangup came first: the DialStatus still tells the outcome
+            // better than the hangup cause, but the conversation has ended already.
+            if conv.answered.is_none() && status != "ANSWER" {
+                conv.dial_status = status.to_string();
+                conv.result = result_of_dial_status(status, cause);
+            }
             return;
         }
         conv.dial_status = status.to_string();
