@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mp3lame_encoder::{
-    Bitrate, Builder, FlushNoGap, InterleavedPcm, Mode, MonoPcm, Quality, VbrMode,
+    Bitrate, Builder, FlushGap, InterleavedPcm, Mode, MonoPcm, Quality, VbrMode,
 };
 use symphonia::core::audio::SampleBuffer;
 use symphonia::core::codecs::{CODEC_TYPE_NULL, DecoderOptions};
@@ -291,7 +291,12 @@ pub fn convert_file(
         2
     };
 
-    let mut encoder = build_encoder(settings, sample_rate, out_channels)?;
+    let mode = if cbr_keeps_tag(settings, sample_rate, out_channels)? {
+        RateMode::Cbr
+    } else {
+        RateMode::Abr
+    };
+    let mut encoder = build_encoder(settings, sample_rate, out_channels, mode)?;
 
     let tmp = temp_path(dst);
     let mut guard = TempGuard {
@@ -384,7 +389,7 @@ pub fn convert_file(
     mp3.clear();
     mp3.reserve(7200);
     encoder
-        .flush_to_vec::<FlushNoGap>(&mut mp3)
+        .flush_to_vec::<FlushGap>(&mut mp3)
         .map_err(|e| RecordError::Encoder {
             detail: format!("{e}"),
         })?;
@@ -432,10 +437,22 @@ pub fn convert_file(
     })
 }
 
+/// How the bitrate is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RateMode {
+    /// Constant bitrate: the most compatible, and fastest.
+    Cbr,
+    /// Average bitrate at the same target. Used only when a CBR frame at the chosen rate is
+    /// too small for LAME's Info tag (e.g. 32 kbit/s at 16-24 kHz): without the tag players
+    /// cannot trim the encoder delay and padding, and the mp3 is ~0.1 s longer than the call.
+    Abr,
+}
+
 fn build_encoder(
     settings: &ConvertSettings,
     sample_rate: u32,
     channels: u8,
+    mode: RateMode,
 ) -> Result<mp3lame_encoder::Encoder, RecordError> {
     let err = |what: &str, e: mp3lame_encoder::BuildError| RecordError::Encoder {
         detail: format!("{what}: {e}"),
@@ -453,9 +470,27 @@ fn build_encoder(
         .map_err(|e| err("sample rate", e))?;
     b.set_output_sample_rate(NonZeroU32::new(settings.sample_rate))
         .map_err(|e| err("output sample rate", e))?;
-    b.set_brate(bitrate).map_err(|e| err("bitrate", e))?;
-    b.set_vbr_mode(VbrMode::Off)
-        .map_err(|e| err("CBR mode", e))?;
+    match mode {
+        RateMode::Cbr => {
+            b.set_brate(bitrate).map_err(|e| err("bitrate", e))?;
+            b.set_vbr_mode(VbrMode::Off)
+                .map_err(|e| err("CBR mode", e))?;
+        }
+        RateMode::Abr => {
+            b.set_vbr_mode(VbrMode::Abr)
+                .map_err(|e| err("ABR mode", e))?;
+            let kbps = i32::try_from(settings.bitrate_kbps).unwrap_or(32);
+            // SAFETY: `as_ptr` is the live LAME state owned by `b`; this setter only stores
+            // an int in it. The wrapper has no safe method for the ABR target.
+            let rc =
+                unsafe { mp3lame_encoder::ffi::lame_set_VBR_mean_bitrate_kbps(b.as_ptr(), kbps) };
+            if rc != 0 {
+                return Err(RecordError::Encoder {
+                    detail: format!("ABR target {kbps} kbit/s refused ({rc})"),
+                });
+            }
+        }
+    }
     b.set_mode(if channels == 1 {
         Mode::Mono
     } else {
@@ -477,6 +512,28 @@ fn build_encoder(
     })
 }
 
+/// Whether LAME keeps its Info tag in CBR for this input: it drops the tag when one frame
+/// at the chosen output rate and bitrate cannot hold it. LAME picks the output rate itself,
+/// so ask it: encode a few frames of silence and see whether a tag exists.
+fn cbr_keeps_tag(
+    settings: &ConvertSettings,
+    sample_rate: u32,
+    channels: u8,
+) -> Result<bool, RecordError> {
+    let mut enc = build_encoder(settings, sample_rate, channels, RateMode::Cbr)?;
+    let silence = vec![0i16; 1152 * 8 * usize::from(channels)];
+    let mut out = Vec::with_capacity(mp3lame_encoder::max_required_buffer_size(silence.len()));
+    let res = if channels == 1 {
+        enc.encode_to_vec(MonoPcm(&silence), &mut out)
+    } else {
+        enc.encode_to_vec(InterleavedPcm(&silence), &mut out)
+    };
+    res.map_err(|e| RecordError::Encoder {
+        detail: format!("{e}"),
+    })?;
+    Ok(enc.lame_tag_size() > 0)
+}
+
 /// Runs conversions for the daemon: at most `slots` at once on the blocking pool, each with
 /// the configured timeout. Cheap to clone.
 #[derive(Clone)]
@@ -488,17 +545,18 @@ struct Inner {
     settings: ConvertSettings,
     permits: Arc<Semaphore>,
     slots: usize,
-    waiting: AtomicUsize,
+    /// Conversions started and not finished (waiting for a slot or running).
+    in_flight: AtomicUsize,
     max_queued: usize,
     timeout: Duration,
     keep_wav: bool,
 }
 
-/// Decrements the waiting count however the task ends.
-struct Waiting(Arc<Inner>);
-impl Drop for Waiting {
+/// Decrements the in-flight count however the task ends.
+struct InFlight(Arc<Inner>);
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -517,7 +575,7 @@ impl Converter {
                 settings: ConvertSettings::from_config(cfg)?,
                 permits: Arc::new(Semaphore::new(slots)),
                 slots,
-                waiting: AtomicUsize::new(0),
+                in_flight: AtomicUsize::new(0),
                 max_queued: cfg.max_queued,
                 timeout: cfg.convert_timeout,
                 keep_wav: cfg.keep_wav,
@@ -538,13 +596,13 @@ impl Converter {
         dst: &Path,
     ) -> Result<JoinHandle<Result<ConvertReport, RecordError>>, RecordError> {
         let inner = self.inner.clone();
-        let waiting = inner.waiting.fetch_add(1, Ordering::AcqRel);
-        let guard = Waiting(inner.clone());
-        if waiting >= inner.max_queued.max(1) + inner.slots {
+        let before = inner.in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(inner.clone());
+        if before >= inner.max_queued + inner.slots {
             drop(guard);
             return Err(RecordError::Busy {
                 path: src.to_path_buf(),
-                queued: waiting,
+                queued: before.saturating_sub(inner.slots),
             });
         }
         let src = src.to_path_buf();
@@ -560,7 +618,6 @@ impl Converter {
                         path: src.clone(),
                         detail: "conversion pool closed".into(),
                     })?;
-            drop(guard);
             let settings = inner.settings.clone();
             let (s, d) = (src.clone(), dst.clone());
             let res = tokio::task::spawn_blocking(move || {
@@ -578,6 +635,7 @@ impl Converter {
                     ms = r.elapsed.as_millis() as u64, "conversion finished"),
                 Err(e) => tracing::warn!(src = %src.display(), error = %e, "conversion failed"),
             }
+            drop(guard);
             res
         }))
     }
