@@ -1,0 +1,150 @@
+//! The pipeline: each stage event from the tracker becomes durable CRM work.
+//!
+//! For a call that ended with recordings, the `process_record_file_path` customization
+//! may move the path; the signed link (deterministic from the recording id) goes into
+//! `call_full.record_link` and the jobs are written to the outbox at once, so a crash
+//! loses nothing. Conversion to mp3 then runs in the background: the link serves the
+//! original until the mp3 is ready, the mp3 afterwards.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::calls::{Stage, StageEvent};
+use crate::crm::Connector;
+use crate::hooks::{Customize, HookOutcome};
+use crate::metrics::Registry;
+use crate::records::{Recordings, catalog};
+use crate::store::Store;
+
+pub(crate) struct Pipeline {
+    pub store: Store,
+    pub connectors: Vec<Arc<dyn Connector>>,
+    pub hooks: Arc<dyn Customize>,
+    pub records: Option<Arc<Recordings>>,
+    /// `[http] public_url`, the base of recording links.
+    pub public_url: String,
+    /// `[records] convert`: links name the mp3 that the conversion will produce.
+    pub convert: bool,
+    pub metrics: Registry,
+}
+
+impl Pipeline {
+    /// Drain stage events until the tracker closes the channel, then wait for the
+    /// background conversions still running.
+    pub(crate) async fn run(self, mut stages: mpsc::Receiver<StageEvent>) {
+        let mut conversions = JoinSet::new();
+        while let Some(mut ev) = stages.recv().await {
+            if ev.stage == Stage::CallEnded {
+                self.prepare_records(&mut ev, &mut conversions).await;
+            }
+            self.enqueue(&ev).await;
+            while conversions.try_join_next().is_some() {}
+        }
+        if !conversions.is_empty() {
+            tracing::info!(running = conversions.len(), "waiting for recording conversions");
+        }
+        while conversions.join_next().await.is_some() {}
+        tracing::info!("pipeline stopped");
+    }
+
+    async fn enqueue(&self, ev: &StageEvent) {
+        let names: Vec<&str> = self
+            .connectors
+            .iter()
+            .filter(|c| c.wants(ev.stage))
+            .map(|c| c.name())
+            .collect();
+        // The journal row for call_ended is written even with no CRM configured.
+        if names.is_empty() && ev.stage != Stage::CallEnded {
+            return;
+        }
+        let mut delay = std::time::Duration::from_millis(50);
+        loop {
+            match self.store.enqueue_stage(ev, &names).await {
+                Ok(ids) => {
+                    tracing::debug!(call_id = %ev.call_full.id, stage = ev.stage.as_str(), jobs = ?ids, "queued for CRMs");
+                    return;
+                }
+                Err(e) => {
+                    // Never drop a stage: the database may be briefly locked or full.
+                    tracing::error!(call_id = %ev.call_full.id, stage = ev.stage.as_str(), error = %e,
+                        "cannot write CRM jobs to the database; retrying (check disk space and [storage] state_dir)");
+                    self.metrics
+                        .counter("kolokol_store_errors_total", "Failed writes of stage events", &[])
+                        .inc();
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Decide each recording's final path and link; start conversions.
+    async fn prepare_records(&self, ev: &mut StageEvent, conversions: &mut JoinSet<()>) {
+        let Some(records) = &self.records else {
+            return;
+        };
+        let call = &ev.call_full;
+        let mut paths: Vec<String> = call
+            .conversations
+            .values()
+            .map(|c| c.record.clone())
+            .filter(|r| !r.is_empty())
+            .collect();
+        if !call.record.is_empty() && !paths.contains(&call.record) {
+            paths.push(call.record.clone());
+        }
+        if paths.is_empty() {
+            return;
+        }
+        let call_full_json = serde_json::to_value(call).unwrap_or(Value::Null);
+        let mut links = serde_json::Map::new();
+        let mut main_link = None;
+        for reported in paths {
+            let path = match self
+                .hooks
+                .run(
+                    "process_record_file_path",
+                    json!({"call_full": call_full_json, "path": reported}),
+                    &call.id,
+                )
+                .await
+            {
+                HookOutcome::Data(d) => d
+                    .get("path")
+                    .and_then(Value::as_str)
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_string)
+                    .unwrap_or_else(|| reported.clone()),
+                _ => reported.clone(),
+            };
+            let id = catalog::id_from_path(std::path::Path::new(&path));
+            let ext = if path.to_ascii_lowercase().ends_with(".mp3") || self.convert {
+                "mp3"
+            } else {
+                catalog::served_ext(std::path::Path::new(&path)).unwrap_or("wav")
+            };
+            let link = records.signer().link_ext(&self.public_url, &id, ext);
+            if reported == call.record {
+                main_link = Some(link.clone());
+            }
+            links.insert(reported.clone(), Value::String(link));
+            let records = records.clone();
+            let call_id = call.id.clone();
+            conversions.spawn(async move {
+                match records.finish(&call_id, &path).await {
+                    Ok(outcome) => tracing::info!(call_id, record_id = %outcome.id, converted = outcome.converted,
+                        fallback = outcome.fallback.as_deref().unwrap_or(""), "recording ready"),
+                    Err(e) => tracing::warn!(call_id, path, error = %e, "recording not available: the CRM gets no playable link"),
+                }
+            });
+        }
+        if let Some(link) = main_link {
+            ev.call_full.extra.insert("record_link".into(), Value::String(link));
+        }
+        ev.call_full.extra.insert("record_links".into(), Value::Object(links));
+    }
+}
