@@ -89,6 +89,22 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
     }
 }
 
+/// Logging for long-running commands: `RUST_LOG` overrides `default` (e.g. "info",
+/// "kolokol=debug"); one line per decision, as text or JSON.
+pub fn init_logging(default: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
 /// The error for a subcommand whose issue has not landed yet.
 pub(crate) fn not_built(what: &str) -> anyhow::Result<ExitCode> {
     anyhow::bail!("`kolokol {what}` is not available in this build yet")

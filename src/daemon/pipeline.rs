@@ -90,8 +90,8 @@ impl Pipeline {
         let call = &ev.call_full;
         let mut paths: Vec<String> = call
             .conversations
-            .values()
-            .map(|c| c.record.clone())
+            .iter()
+            .map(|(_, c)| c.record.clone())
             .filter(|r| !r.is_empty())
             .collect();
         if !call.record.is_empty() && !paths.contains(&call.record) {
