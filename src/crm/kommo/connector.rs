@@ -520,7 +520,10 @@ impl KommoConnector {
         if let Some(reason) = self.filtered_out(call) {
             return Ok(json!({"register": false, "reason": reason}));
         }
-        let input = json!({"call_stage": stage.as_str()});
+        let input = json!({
+            "call_full": serde_json::to_value(call).unwrap_or(Value::Null),
+            "call_stage": stage.as_str(),
+        });
         let v = match self.hooks.run("need_registration", input, &call.id).await {
             HookOutcome::Cancelled => {
                 json!({"register": false, "reason": "need_registration returned no data"})
