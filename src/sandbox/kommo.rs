@@ -229,7 +229,12 @@ fn rand_token(prefix: &str) -> String {
 impl SandboxKommo {
     /// Start on an ephemeral 127.0.0.1 port with three users and the standard fields.
     pub async fn start() -> std::io::Result<SandboxKommo> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Start on `addr` (e.g. a fixed port for `kolokol demo`).
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<SandboxKommo> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let users = vec![
             User {

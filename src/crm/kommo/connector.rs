@@ -200,13 +200,41 @@ fn now_unix() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
+/// A `call_full` time (`YYYY-MM-DD HH:MM:SS`, the PBX's local time) as unix seconds;
+/// `None` for Itgrix's "no time" value `0001-01-01 00:00:00` or garbage.
+fn local_time(v: Option<&Value>) -> Option<i64> {
+    use chrono::TimeZone;
+    let s = v?.as_str()?;
+    let t = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").ok()?;
+    if t.and_utc().timestamp() <= 0 {
+        return None;
+    }
+    chrono::Local
+        .from_local_datetime(&t)
+        .earliest()
+        .map(|d| d.timestamp())
+}
+
 /// When the call started (unix seconds): `call_full.created_at` / `start_timestamp`
-/// if the tracker gave one, else the end of the call minus its duration.
+/// if the tracker gave one, else the earliest channel `start_time`, else the end of
+/// the call minus its duration.
 fn started_at(call: &CallFull) -> i64 {
-    ["created_at", "start_timestamp"]
+    if let Some(t) = ["created_at", "start_timestamp"]
         .iter()
         .find_map(|k| call.extra.get(*k).and_then(Value::as_i64))
-        .unwrap_or_else(|| now_unix() - call.duration as i64)
+    {
+        return t;
+    }
+    let mut earliest: Option<i64> =
+        local_time(call.extra.get("channel").and_then(|c| c.get("start_time")));
+    if let Some(convs) = call.extra.get("conversations").and_then(Value::as_object) {
+        for conv in convs.values() {
+            if let Some(t) = local_time(conv.get("channel").and_then(|c| c.get("start_time"))) {
+                earliest = Some(earliest.map_or(t, |e| e.min(t)));
+            }
+        }
+    }
+    earliest.unwrap_or_else(|| now_unix() - call.duration as i64)
 }
 
 /// Contacts' `_embedded.contacts` whose PHONE values end with the same 10 digits.
@@ -261,6 +289,26 @@ fn matching_contacts(body: &Value, last10: &str) -> Vec<FoundContact> {
         }
     }
     out
+}
+
+/// Move Itgrix-style `tags: ["a", ...]` into the API's `_embedded.tags: [{name}]`.
+fn tags_to_embedded(mut p: Value) -> Value {
+    if let Value::Object(m) = &mut p
+        && let Some(Value::Array(tags)) = m.remove("tags")
+    {
+        let tags: Vec<Value> = tags
+            .into_iter()
+            .map(|t| match t {
+                Value::String(name) => json!({ "name": name }),
+                other => other,
+            })
+            .collect();
+        let emb = m.entry("_embedded").or_insert_with(|| json!({}));
+        if let Value::Object(e) = emb {
+            e.insert("tags".into(), Value::Array(tags));
+        }
+    }
+    p
 }
 
 /// The first item of `_embedded.<key>` of a batch answer, and the batch's errors.
@@ -699,7 +747,8 @@ impl KommoConnector {
         let mut params = json!({
             "name": contact_name,
             "custom_fields_values": phone_values,
-            "_embedded": {"tags": self.tags()},
+            // Itgrix's shape: names; moved to the API's `_embedded.tags` below.
+            "tags": self.cfg.tags,
         });
         if let Some(r) = responsible {
             params["responsible_user_id"] = json!(r);
@@ -715,7 +764,7 @@ impl KommoConnector {
                     json!({"id": null, "created": false, "cancelled": "process_contact_creation_params"}),
                 );
             }
-            Params::Send(p) => p,
+            Params::Send(p) => tags_to_embedded(p),
         };
         let body = self
             .client
@@ -1232,6 +1281,31 @@ mod tests {
         o.answered_by = "101".into();
         assert_eq!(internal_numbers(&o), vec!["102", "101"]);
         assert_eq!(trunks(&c), vec!["74951234567", "trunk"]);
+    }
+
+    #[test]
+    fn start_time_from_channels() {
+        use chrono::TimeZone;
+        let mut c = call(Direction::Inbound);
+        c.extra["conversations"]["1.1"]["channel"]["start_time"] = json!("2026-11-21 23:47:41");
+        c.extra["conversations"]["1.2"]["channel"]["start_time"] = json!("0001-01-01 00:00:00");
+        let want = chrono::Local
+            .with_ymd_and_hms(2026, 11, 21, 23, 47, 41)
+            .earliest()
+            .unwrap()
+            .timestamp();
+        assert_eq!(started_at(&c), want);
+        c.extra.insert("created_at".into(), json!(5));
+        assert_eq!(started_at(&c), 5);
+    }
+
+    #[test]
+    fn itgrix_tags_become_embedded() {
+        let p = tags_to_embedded(json!({"name": "x", "tags": ["a", "b"]}));
+        assert_eq!(
+            p,
+            json!({"name": "x", "_embedded": {"tags": [{"name": "a"}, {"name": "b"}]}})
+        );
     }
 
     #[test]
