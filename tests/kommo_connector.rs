@@ -922,3 +922,92 @@ async fn unrecordable_steps_stop_before_any_request() {
     assert!(matches!(err, CrmError::Retryable { .. }), "{err}");
     assert!(s.snapshot().requests.is_empty());
 }
+
+/// Steps that "crash" once: the first `put` of `fail_step` fails, as if the daemon
+/// died right after Kommo accepted the request.
+#[derive(Default)]
+struct CrashOnce {
+    inner: MemoryJobSteps,
+    fail_step: &'static str,
+    crashed: Mutex<bool>,
+}
+impl JobSteps for CrashOnce {
+    fn get(&self, step: &str) -> Option<Value> {
+        self.inner.get(step)
+    }
+    fn put(&self, step: &str, v: &Value) -> Result<(), String> {
+        let mut crashed = self.crashed.lock().unwrap();
+        if step == self.fail_step && !*crashed {
+            *crashed = true;
+            return Err("killed".into());
+        }
+        self.inner.put(step, v)
+    }
+}
+
+#[tokio::test]
+async fn crash_after_kommo_accepted_the_call_does_not_duplicate_it() {
+    for (call, entity) in [
+        (inbound_answered("1795304861.0"), "lead"),
+        (outbound("1795304900.0", true), "lead"),
+    ] {
+        let s = sandbox().await;
+        let mut cfg = config(&s);
+        cfg.create_lead = entity == "lead";
+        let c = connector(cfg);
+        let steps = CrashOnce {
+            fail_step: "call",
+            ..Default::default()
+        };
+        let j = job(call);
+        let err = c.deliver(&j, &steps).await.unwrap_err();
+        assert!(matches!(err, CrmError::Retryable { .. }), "{err}");
+        assert_eq!(s.snapshot().calls.len(), 1, "Kommo has the call");
+        let r = c.deliver(&j, &steps).await.unwrap();
+        assert_eq!(r["call"]["recovered"], json!(true));
+        let snap = s.snapshot();
+        assert_eq!(snap.calls.len(), 1, "not sent twice");
+        assert_eq!(snap.count("POST", "/api/v4/calls", 200), 1);
+    }
+    // Same for a crash after the contact was created: found by phone next time.
+    let s = sandbox().await;
+    let c = connector(config(&s));
+    let steps = CrashOnce {
+        fail_step: "contact",
+        ..Default::default()
+    };
+    let j = job(inbound_missed("1795304870.0", CLIENT));
+    assert!(c.deliver(&j, &steps).await.is_err());
+    c.deliver(&j, &steps).await.unwrap();
+    let snap = s.snapshot();
+    assert_eq!(snap.contacts.len(), 1);
+    assert_eq!(snap.leads.len(), 1, "the new client still gets a lead");
+    assert_eq!(snap.calls.len(), 1);
+    assert_eq!(snap.tasks.len(), 1);
+
+    // ... and after the lead and the task.
+    for step in ["lead", "task"] {
+        let s = sandbox().await;
+        let c = connector(config(&s));
+        let steps = CrashOnce {
+            fail_step: step,
+            ..Default::default()
+        };
+        let j = job(inbound_missed("1795304870.0", CLIENT));
+        assert!(c.deliver(&j, &steps).await.is_err());
+        c.deliver(&j, &steps).await.unwrap();
+        let snap = s.snapshot();
+        assert_eq!(
+            (
+                snap.contacts.len(),
+                snap.leads.len(),
+                snap.calls.len(),
+                snap.tasks.len()
+            ),
+            (1, 1, 1, 1),
+            "crash after {step}"
+        );
+        assert_eq!(snap.calls[0].entity_type, "lead");
+        assert_eq!(snap.tasks[0].entity_id, Some(snap.leads[0].id));
+    }
+}

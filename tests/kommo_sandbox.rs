@@ -49,16 +49,31 @@ async fn shapes_auth_and_search() {
     let s = SandboxKommo::start().await.unwrap();
     s.set_rate_limit(1000.0);
     let api = Api::new(&s);
-    let (st, ct, body) = api.send(reqwest::Method::GET, "/api/v4/users", None, None).await;
+    let (st, ct, body) = api
+        .send(reqwest::Method::GET, "/api/v4/users", None, None)
+        .await;
     assert_eq!(st, 401);
     assert_eq!(ct, "application/problem+json");
     assert_eq!(body.unwrap()["status"], json!(401));
-    let (st, ct, body) = api.send(reqwest::Method::GET, "/api/v4/users", T, None).await;
+    let (st, ct, body) = api
+        .send(reqwest::Method::GET, "/api/v4/users", T, None)
+        .await;
     assert_eq!((st, ct.as_str()), (200, "application/hal+json"));
-    assert_eq!(body.unwrap()["_embedded"]["users"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        body.unwrap()["_embedded"]["users"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
 
     let (st, _, body) = api
-        .send(reqwest::Method::GET, "/api/v4/contacts?query=9161234567", T, None)
+        .send(
+            reqwest::Method::GET,
+            "/api/v4/contacts?query=9161234567",
+            T,
+            None,
+        )
         .await;
     assert_eq!((st, body), (204, None), "no match → 204 No Content");
 
@@ -75,8 +90,14 @@ async fn shapes_auth_and_search() {
     let body = body.unwrap();
     let ve = &body["validation-errors"][0];
     assert_eq!(ve["request_id"], json!("1"));
-    assert_eq!(ve["errors"][0]["path"], json!("custom_fields_values.0.field_id"));
-    assert!(s.snapshot().contacts.is_empty(), "a rejected batch adds nothing");
+    assert_eq!(
+        ve["errors"][0]["path"],
+        json!("custom_fields_values.0.field_id")
+    );
+    assert!(
+        s.snapshot().contacts.is_empty(),
+        "a rejected batch adds nothing"
+    );
 
     let (st, _, body) = api
         .send(
@@ -87,9 +108,16 @@ async fn shapes_auth_and_search() {
         )
         .await;
     assert_eq!(st, 200);
-    let id = body.unwrap()["_embedded"]["contacts"][0]["id"].as_i64().unwrap();
+    let id = body.unwrap()["_embedded"]["contacts"][0]["id"]
+        .as_i64()
+        .unwrap();
     let (st, _, body) = api
-        .send(reqwest::Method::GET, "/api/v4/contacts?query=9161234567&with=leads", T, None)
+        .send(
+            reqwest::Method::GET,
+            "/api/v4/contacts?query=9161234567&with=leads",
+            T,
+            None,
+        )
         .await;
     assert_eq!(st, 200);
     let c = &body.unwrap()["_embedded"]["contacts"][0];
@@ -106,11 +134,19 @@ async fn calls_attach_by_last_ten_digits_or_come_back_in_errors() {
     let api = Api::new(&s);
     let call = |phone: &str| json!({"direction": "inbound", "duration": 5, "source": "t", "phone": phone, "uniq": "u", "call_status": 4});
     let (st, _, body) = api
-        .send(reqwest::Method::POST, "/api/v4/calls", T, Some(json!([call("+79161234567"), call("+79990000000")])))
+        .send(
+            reqwest::Method::POST,
+            "/api/v4/calls",
+            T,
+            Some(json!([call("+79161234567"), call("+79990000000")])),
+        )
         .await;
     assert_eq!(st, 200);
     let body = body.unwrap();
-    assert_eq!(body["_embedded"]["calls"][0]["entity_type"], json!("contact"));
+    assert_eq!(
+        body["_embedded"]["calls"][0]["entity_type"],
+        json!("contact")
+    );
     assert_eq!(body["_embedded"]["calls"][0]["entity_id"], json!(cid));
     assert_eq!(body["_embedded"]["errors"][0]["request_id"], json!("1"));
     assert_eq!(s.snapshot().calls.len(), 1, "no entity → not added");
@@ -118,12 +154,25 @@ async fn calls_attach_by_last_ten_digits_or_come_back_in_errors() {
     // One open lead → the call goes to the lead.
     let lid = s.add_lead("Deal", cid, sb::STATUS_FIRST, 5002);
     let (_, _, body) = api
-        .send(reqwest::Method::POST, "/api/v4/calls", T, Some(json!([call("9161234567")])))
+        .send(
+            reqwest::Method::POST,
+            "/api/v4/calls",
+            T,
+            Some(json!([call("9161234567")])),
+        )
         .await;
-    assert_eq!(body.unwrap()["_embedded"]["calls"][0]["entity_id"], json!(lid));
+    assert_eq!(
+        body.unwrap()["_embedded"]["calls"][0]["entity_id"],
+        json!(lid)
+    );
 
     let (st, _, body) = api
-        .send(reqwest::Method::POST, "/api/v4/calls", T, Some(json!([{"direction": "up", "source": "t", "phone": "1"}])))
+        .send(
+            reqwest::Method::POST,
+            "/api/v4/calls",
+            T,
+            Some(json!([{"direction": "up", "source": "t", "phone": "1"}])),
+        )
         .await;
     assert_eq!(st, 400);
     let paths: Vec<Value> = body.unwrap()["validation-errors"][0]["errors"]
@@ -148,35 +197,67 @@ async fn oauth_rotation_expiry_and_limits() {
         b
     };
     let (st, _, t1) = api
-        .send(reqwest::Method::POST, "/oauth2/access_token", None, Some(grant(json!({"grant_type": "authorization_code", "code": "c1"}))))
+        .send(
+            reqwest::Method::POST,
+            "/oauth2/access_token",
+            None,
+            Some(grant(
+                json!({"grant_type": "authorization_code", "code": "c1"}),
+            )),
+        )
         .await;
     assert_eq!(st, 200);
     let t1 = t1.unwrap();
     assert_eq!(t1["expires_in"], json!(86400));
     let r1 = t1["refresh_token"].as_str().unwrap().to_string();
     let (st, _, t2) = api
-        .send(reqwest::Method::POST, "/oauth2/access_token", None, Some(grant(json!({"grant_type": "refresh_token", "refresh_token": r1}))))
+        .send(
+            reqwest::Method::POST,
+            "/oauth2/access_token",
+            None,
+            Some(grant(
+                json!({"grant_type": "refresh_token", "refresh_token": r1}),
+            )),
+        )
         .await;
     assert_eq!(st, 200);
     let t2 = t2.unwrap();
     let (st, _, _) = api
-        .send(reqwest::Method::POST, "/oauth2/access_token", None, Some(grant(json!({"grant_type": "refresh_token", "refresh_token": r1}))))
+        .send(
+            reqwest::Method::POST,
+            "/oauth2/access_token",
+            None,
+            Some(grant(
+                json!({"grant_type": "refresh_token", "refresh_token": r1}),
+            )),
+        )
         .await;
     assert_eq!(st, 400, "a rotated refresh token is dead");
 
     let a2 = t2["access_token"].as_str().unwrap().to_string();
-    let (st, _, _) = api.send(reqwest::Method::GET, "/api/v4/users", Some(&a2), None).await;
+    let (st, _, _) = api
+        .send(reqwest::Method::GET, "/api/v4/users", Some(&a2), None)
+        .await;
     assert_eq!(st, 200);
     s.expire_access_tokens();
-    let (st, _, _) = api.send(reqwest::Method::GET, "/api/v4/users", Some(&a2), None).await;
+    let (st, _, _) = api
+        .send(reqwest::Method::GET, "/api/v4/users", Some(&a2), None)
+        .await;
     assert_eq!(st, 401);
 
     // 7 requests/s: a burst of 12 gets 429s with Retry-After.
     let mut statuses = Vec::new();
     for _ in 0..12 {
-        statuses.push(api.send(reqwest::Method::GET, "/api/v4/users", T, None).await.0);
+        statuses.push(
+            api.send(reqwest::Method::GET, "/api/v4/users", T, None)
+                .await
+                .0,
+        );
     }
-    assert!(statuses.iter().filter(|s| **s == 200).count() <= 8, "{statuses:?}");
+    assert!(
+        statuses.iter().filter(|s| **s == 200).count() <= 8,
+        "{statuses:?}"
+    );
     assert!(statuses.contains(&429), "{statuses:?}");
 
     s.set_rate_limit(1000.0);
@@ -190,6 +271,8 @@ async fn oauth_rotation_expiry_and_limits() {
     assert_eq!(r.status().as_u16(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
     s.set_blocked(true);
-    let (st, _, _) = api.send(reqwest::Method::GET, "/api/v4/users", T, None).await;
+    let (st, _, _) = api
+        .send(reqwest::Method::GET, "/api/v4/users", T, None)
+        .await;
     assert_eq!(st, 403);
 }

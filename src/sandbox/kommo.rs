@@ -564,11 +564,23 @@ fn route(
         (Method::GET, ["contacts"]) => search_contacts(st, query),
         (Method::POST, ["contacts"]) => batch(json, |a| create_contacts(st, a)),
         (Method::PATCH, ["contacts", id]) => patch_contact(st, id, json),
+        (Method::GET, ["contacts", id]) => {
+            let with_leads = query
+                .iter()
+                .any(|(k, v)| k == "with" && v.split(',').any(|w| w == "leads"));
+            match parse_id(id).and_then(|id| st.snap.contacts.iter().find(|c| c.id == id)) {
+                Some(c) => hal(StatusCode::OK, contact_json(c, with_leads)),
+                None => StatusCode::NO_CONTENT.into_response(),
+            }
+        }
         (Method::GET, ["leads", id]) => get_lead(st, id),
         (Method::POST, ["leads"]) => batch(json, |a| create_leads(st, a)),
         (Method::PATCH, ["leads", id]) => patch_lead(st, id, json),
         (Method::POST, ["leads", "unsorted", "sip"]) => batch(json, |a| create_unsorted(st, a)),
         (Method::POST, ["calls"]) => batch(json, |a| create_calls(st, a)),
+        (Method::GET, [etype @ ("leads" | "contacts"), id, "notes"]) => {
+            call_notes(st, etype, id, query)
+        }
         (Method::GET, ["tasks"]) => list_tasks(st, query),
         (Method::POST, ["tasks"]) => batch(json, |a| create_tasks(st, a)),
         (Method::PATCH, ["tasks"]) => batch(json, |a| patch_tasks(st, a)),
@@ -1205,6 +1217,45 @@ fn create_calls(st: &mut St, arr: &[Value]) -> Response {
     hal(
         StatusCode::OK,
         json!({"_total_items": out.len(), "_embedded": {"calls": out, "errors": errors}}),
+    )
+}
+
+/// `GET /api/v4/{leads|contacts}/{id}/notes`: the call notes of an entity
+/// (`note_type` call_in / call_out, `params` as sent to `/calls`).
+fn call_notes(st: &St, etype: &str, id: &str, query: &[(String, String)]) -> Response {
+    let singular = etype.trim_end_matches('s');
+    let types: Vec<&str> = query
+        .iter()
+        .filter(|(k, _)| k.starts_with("filter[note_type]"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let Some(id) = parse_id(id) else {
+        return problem(StatusCode::NOT_FOUND, "no such entity");
+    };
+    let notes: Vec<Value> = st
+        .snap
+        .calls
+        .iter()
+        .filter(|c| c.entity_type == singular && c.entity_id == id)
+        .map(|c| {
+            let nt = if c.direction == "outbound" { "call_out" } else { "call_in" };
+            (nt, c)
+        })
+        .filter(|(nt, _)| types.is_empty() || types.contains(nt))
+        .map(|(nt, c)| {
+            json!({
+                "id": c.id, "entity_id": id, "note_type": nt, "responsible_user_id": c.responsible_user_id,
+                "params": {"uniq": c.uniq, "duration": c.duration, "source": c.source, "link": c.link,
+                           "phone": c.phone, "call_status": c.call_status, "call_result": c.call_result},
+            })
+        })
+        .collect();
+    if notes.is_empty() {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    hal(
+        StatusCode::OK,
+        json!({"_page": 1, "_links": {"self": {"href": format!("/api/v4/{etype}/{id}/notes")}}, "_embedded": {"notes": notes}}),
     )
 }
 

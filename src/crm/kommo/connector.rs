@@ -19,8 +19,11 @@
 //!    tasks of the client completed (config `complete_tasks_on_answer`).
 //! 7. `post_registration` with everything Kommo returned.
 //!
-//! The one unavoidable window: a crash after Kommo accepted a request but before its
-//! step was stored repeats that request on redelivery.
+//! Before each create request a `<step>_sent` marker is stored. A crash after Kommo
+//! accepted the request but before its result was recorded leaves the marker without
+//! the result; the next attempt then looks the entity up first (the contact by phone,
+//! the contact's newest lead, an open task with the same text, the call note whose
+//! `params.uniq` is our call id) instead of creating it again.
 
 use std::sync::Arc;
 
@@ -654,13 +657,16 @@ impl KommoConnector {
         }
         let found = self.search_contacts(phone).await?;
         if let Some(c) = found.into_iter().next() {
+            // Found, but created by an earlier attempt of this job that died before
+            // recording it: still "created here" (so its lead gets made).
+            let created = steps.get("contact_sent").is_some();
             let lead = self.open_lead(&c.lead_ids).await?;
             return record(
                 steps,
                 "contact",
                 json!({
                     "id": c.id, "name": c.name, "responsible_user_id": c.responsible_user_id,
-                    "created": false, "lead_id": lead.map(|l| l.0),
+                    "created": created, "lead_id": lead.map(|l| l.0),
                     "lead_responsible_user_id": lead.and_then(|l| l.1),
                     "found": c.raw,
                 }),
@@ -716,6 +722,7 @@ impl KommoConnector {
                 }
                 Params::Send(p) => p,
             };
+            record(steps, "contact_sent", json!({"unsorted": true}))?;
             let body = self
                 .client
                 .post("/api/v4/leads/unsorted/sip", &json!([params]))
@@ -766,6 +773,7 @@ impl KommoConnector {
             }
             Params::Send(p) => tags_to_embedded(p),
         };
+        record(steps, "contact_sent", json!({}))?;
         let body = self
             .client
             .post("/api/v4/contacts", &json!([params]))
@@ -822,6 +830,11 @@ impl KommoConnector {
         else {
             return record(steps, "lead", json!({"id": null, "created": false}));
         };
+        if steps.get("lead_sent").is_some()
+            && let Some(found) = self.lead_of_contact(contact_id).await?
+        {
+            return record(steps, "lead", found);
+        }
         let mut params = json!({
             "name": self.lead_name(call, phone),
             "_embedded": {"contacts": [{"id": contact_id}], "tags": self.tags()},
@@ -848,6 +861,7 @@ impl KommoConnector {
             }
             Params::Send(p) => p,
         };
+        record(steps, "lead_sent", json!({}))?;
         let body = self.client.post("/api/v4/leads", &json!([params])).await?;
         let (item, errors) = first_embedded(&body, "leads");
         let Some(id) = item.as_ref().and_then(|i| as_id(i.get("id"))) else {
@@ -861,6 +875,29 @@ impl KommoConnector {
             json!({"id": id, "created": true,
                    "responsible_user_id": as_id(params.get("responsible_user_id"))}),
         )
+    }
+
+    /// The newest lead of a contact (a lead an interrupted attempt already created).
+    async fn lead_of_contact(&self, contact_id: i64) -> Result<Option<Value>, CrmError> {
+        let body = self
+            .client
+            .get(
+                &format!("/api/v4/contacts/{contact_id}"),
+                &[("with", "leads".into())],
+            )
+            .await?;
+        let id = body
+            .as_ref()
+            .and_then(|b| b.pointer("/_embedded/leads"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|l| as_id(l.get("id")))
+            .max();
+        Ok(id.map(|id| {
+            json!({"id": id, "created": true, "recovered": true,
+            "responsible_user_id": body.as_ref().and_then(|b| as_id(b.get("responsible_user_id")))})
+        }))
     }
 
     /// `process_contact_update_params` / `process_lead_update_params` for a client
@@ -912,6 +949,14 @@ impl KommoConnector {
         if let Some(v) = steps.get("call") {
             return Ok(v);
         }
+        if steps.get("call_sent").is_some() {
+            // A previous attempt sent the call and died before recording the answer:
+            // Kommo keeps `uniq` in the call note, so look before sending again.
+            if let Some(found) = self.find_call_note(&call.id, contact, lead).await? {
+                tracing::info!(crm = NAME, call_id = %call.id, "call note already in Kommo: not sent again");
+                return record(steps, "call", found);
+            }
+        }
         let (status, result) = call_status(call);
         let entity_responsible = as_id(lead.get("responsible_user_id"))
             .or_else(|| as_id(contact.get("responsible_user_id")));
@@ -954,6 +999,7 @@ impl KommoConnector {
             }
             Params::Send(p) => p,
         };
+        record(steps, "call_sent", json!({"uniq": params.get("uniq")}))?;
         let body = self.client.post("/api/v4/calls", &json!([params])).await?;
         let (item, errors) = first_embedded(&body, "calls");
         let v = match item {
@@ -968,6 +1014,45 @@ impl KommoConnector {
             }
         };
         record(steps, "call", v)
+    }
+
+    /// The call note with `params.uniq == uniq` on the lead or contact, as a `call` step.
+    async fn find_call_note(
+        &self,
+        uniq: &str,
+        contact: &Value,
+        lead: &Value,
+    ) -> Result<Option<Value>, CrmError> {
+        for (etype, singular, ent) in [("leads", "lead", lead), ("contacts", "contact", contact)] {
+            let Some(id) = as_id(ent.get("id")) else {
+                continue;
+            };
+            let body = self
+                .client
+                .get(
+                    &format!("/api/v4/{etype}/{id}/notes"),
+                    &[
+                        ("filter[note_type][0]", "call_in".into()),
+                        ("filter[note_type][1]", "call_out".into()),
+                        ("limit", "250".into()),
+                    ],
+                )
+                .await?;
+            let hit = body
+                .as_ref()
+                .and_then(|b| b.pointer("/_embedded/notes"))
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .find(|n| n.pointer("/params/uniq").and_then(Value::as_str) == Some(uniq));
+            if let Some(n) = hit {
+                return Ok(Some(json!({
+                    "added": true, "id": n.get("id"), "entity_id": id, "entity_type": singular,
+                    "responsible_user_id": n.get("responsible_user_id"), "recovered": true,
+                })));
+            }
+        }
+        Ok(None)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1055,6 +1140,12 @@ impl KommoConnector {
         {
             m.entry("task_type_id").or_insert(t);
         }
+        if steps.get("task_sent").is_some()
+            && let Some(found) = self.open_task_like(&params).await?
+        {
+            return record(steps, "task", found);
+        }
+        record(steps, "task_sent", json!({}))?;
         let body = self.client.post("/api/v4/tasks", &json!([params])).await?;
         let (item, errors) = first_embedded(&body, "tasks");
         let Some(id) = item.as_ref().and_then(|i| as_id(i.get("id"))) else {
@@ -1068,6 +1159,41 @@ impl KommoConnector {
             json!({"created": true, "id": id, "responsible_user_id": params.get("responsible_user_id"),
                    "entity_type": params.get("entity_type"), "entity_id": params.get("entity_id")}),
         )
+    }
+
+    /// An open task on the same entity with the same text (sent by an interrupted
+    /// attempt of this job).
+    async fn open_task_like(&self, params: &Value) -> Result<Option<Value>, CrmError> {
+        let (Some(etype), Some(eid)) = (
+            params.get("entity_type").and_then(Value::as_str),
+            as_id(params.get("entity_id")),
+        ) else {
+            return Ok(None);
+        };
+        let body = self
+            .client
+            .get(
+                "/api/v4/tasks",
+                &[
+                    ("filter[entity_type]", etype.into()),
+                    ("filter[entity_id]", eid.to_string()),
+                    ("filter[is_completed]", "0".into()),
+                ],
+            )
+            .await?;
+        let hit = body
+            .as_ref()
+            .and_then(|b| b.pointer("/_embedded/tasks"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|t| t.get("text") == params.get("text"))
+            .cloned();
+        Ok(hit.map(|t| {
+            json!({"created": true, "recovered": true, "id": t.get("id"),
+            "responsible_user_id": t.get("responsible_user_id"),
+            "entity_type": etype, "entity_id": eid})
+        }))
     }
 
     /// Answered call: complete the client's open call-back tasks.
@@ -1237,7 +1363,24 @@ impl Connector for KommoConnector {
             if job.stage != Stage::CallEnded {
                 return Ok(json!({"registered": false, "reason": "stage not used by Kommo"}));
             }
-            self.register(job, steps).await
+            let r = self.register(job, steps).await;
+            let call_id = job.call_full.id.as_str();
+            match &r {
+                Err(CrmError::Blocked { message }) => {
+                    tracing::error!(crm = NAME, call_id, job = job.id, error = %message, "Kommo access blocked: jobs are kept until it is fixed")
+                }
+                Err(CrmError::Rejected { message }) => {
+                    tracing::error!(crm = NAME, call_id, job = job.id, error = %message, "Kommo rejected the call: job goes to dead letters")
+                }
+                Err(CrmError::Retryable {
+                    message,
+                    retry_after,
+                }) => {
+                    tracing::warn!(crm = NAME, call_id, job = job.id, error = %message, ?retry_after, "Kommo delivery will be retried")
+                }
+                Ok(_) => {}
+            }
+            r
         })
     }
 
