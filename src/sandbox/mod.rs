@@ -4,3 +4,4 @@
 //! production paths.
 
 pub mod ami_server;
+pub mod kommo;

@@ -1,16 +1,147 @@
-//! Kommo (amoCRM) API v4 connector. (Being built: issue 7.)
+//! Kommo (amoCRM) API v4 connector.
+//!
+//! Registers every external call the way Itgrix does: find the client's contact by
+//! phone (last 10 digits), create a contact and a lead (or an incoming "unsorted" lead)
+//! for an unknown number, add one call note per call (`POST /api/v4/calls`, `uniq` =
+//! our call id), and a call-back task for missed incoming / unanswered outgoing calls.
+//! Every request passes through the matching customization hook first.
+//!
+//! * [`client`]: HTTP, OAuth (refresh before expiry and once on 401, rotated refresh
+//!   token stored atomically), rate limit, Kommo's error shapes → [`crate::crm::CrmError`].
+//! * [`connector`]: the registration steps, each recorded through
+//!   [`crate::crm::JobSteps`] so a redelivered job never creates duplicates.
+//! * [`tokens`]: a small SQLite [`crate::crm::TokenStore`] for `kolokol kommo auth`.
+
+pub mod client;
+pub mod connector;
+pub mod tokens;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::phone::PhoneRules;
+
+pub use client::{KommoClient, KommoError};
+pub use connector::{AccountCheck, KommoConnector, LinkFor};
+
+/// The name of this connector in jobs, token store and logs.
+pub const NAME: &str = "kommo";
+
 /// `[kommo]` config section.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KommoConfig {
+    /// The account's own URL, e.g. `https://example.kommo.com` (any http(s) URL, so a
+    /// sandbox can stand in).
     pub base_url: String,
+    /// OAuth integration id ("ID интеграции").
     pub client_id: String,
     pub client_secret: String,
+    /// Must equal the redirect URI registered for the integration.
     pub redirect_uri: String,
+    /// A private integration's long-lived token: used instead of OAuth when set.
     pub long_lived_token: Option<String>,
-    /// Internal number → Kommo user id.
-    pub users: std::collections::BTreeMap<String, i64>,
+    /// Internal number → Kommo user id. `kolokol kommo users` lists the ids.
+    pub users: BTreeMap<String, i64>,
+    /// Requests per second to this account (Kommo allows 7).
+    pub rate_limit: f64,
+    /// Timeout of one HTTP request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Retries inside one delivery for 429/5xx/network errors before the job is handed
+    /// back to the outbox for a later attempt.
+    pub inline_retries: u32,
+    /// Refresh the OAuth access token this long before it expires.
+    #[serde(with = "humantime_serde")]
+    pub refresh_margin: Duration,
+    /// How client numbers are turned into international digits.
+    pub phone: PhoneRules,
+    /// Send phones to Kommo as `+<digits>` (else bare digits).
+    pub phone_plus: bool,
+    /// Unknown number: create a contact.
+    pub create_contact: bool,
+    /// Unknown number: create a lead linked to the new contact.
+    pub create_lead: bool,
+    /// Unknown number on an incoming call: create an "unsorted" lead
+    /// (`/api/v4/leads/unsorted/sip`) instead of contact + lead.
+    pub unsorted: bool,
+    /// Pipeline and status of new leads (account defaults when unset).
+    pub lead_pipeline_id: Option<i64>,
+    pub lead_status_id: Option<i64>,
+    /// Pipeline of unsorted leads (account default when unset).
+    pub unsorted_pipeline_id: Option<i64>,
+    /// Tags put on new contacts and leads.
+    pub tags: Vec<String>,
+    /// `source` of call notes and `source_name` of unsorted leads.
+    pub source: String,
+    /// Responsible for what nobody else is (missed calls to unknown numbers).
+    pub default_responsible_user_id: Option<i64>,
+    /// Existing contact/lead: make the employee who answered responsible.
+    pub update_responsible_on_answer: bool,
+    /// Create a call-back task for missed incoming and unanswered outgoing calls.
+    pub create_tasks: bool,
+    /// Task type: 1 call, 2 meeting, 3 e-mail.
+    pub task_type_id: i64,
+    /// Deadline of a call-back task, from the end of the call.
+    #[serde(with = "humantime_serde")]
+    pub task_deadline: Duration,
+    /// Complete open call-back tasks of a client when a later call with them is answered.
+    pub complete_tasks_on_answer: bool,
+    /// Register only calls of these internal numbers (empty: all).
+    pub only_internal_numbers: Vec<String>,
+    /// Never register calls of these internal numbers.
+    pub ignore_internal_numbers: Vec<String>,
+    /// Register only calls through these trunks or lines (empty: all).
+    pub only_trunks: Vec<String>,
+    /// Never register calls through these trunks or lines.
+    pub ignore_trunks: Vec<String>,
+}
+
+impl Default for KommoConfig {
+    fn default() -> Self {
+        KommoConfig {
+            base_url: String::new(),
+            client_id: String::new(),
+            client_secret: String::new(),
+            redirect_uri: String::new(),
+            long_lived_token: None,
+            users: BTreeMap::new(),
+            rate_limit: 7.0,
+            request_timeout: Duration::from_secs(15),
+            inline_retries: 2,
+            refresh_margin: Duration::from_secs(300),
+            phone: PhoneRules::default(),
+            phone_plus: true,
+            create_contact: true,
+            create_lead: true,
+            unsorted: false,
+            lead_pipeline_id: None,
+            lead_status_id: None,
+            unsorted_pipeline_id: None,
+            tags: vec!["kolokol".into()],
+            source: "kolokol".into(),
+            default_responsible_user_id: None,
+            update_responsible_on_answer: false,
+            create_tasks: true,
+            task_type_id: 1,
+            task_deadline: Duration::from_secs(3600),
+            complete_tasks_on_answer: false,
+            only_internal_numbers: Vec::new(),
+            ignore_internal_numbers: Vec::new(),
+            only_trunks: Vec::new(),
+            ignore_trunks: Vec::new(),
+        }
+    }
+}
+
+impl KommoConfig {
+    /// The internal number mapped to a Kommo user id, if any.
+    pub fn extension_of(&self, user_id: i64) -> Option<&str> {
+        self.users
+            .iter()
+            .find(|(_, id)| **id == user_id)
+            .map(|(ext, _)| ext.as_str())
+    }
 }
