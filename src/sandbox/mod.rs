@@ -2,3 +2,4 @@
 //! Asterisk AMI server that replays recorded fixtures, and stateful sandbox Kommo and
 //! Bitrix24 servers that implement the documented API behaviour. Never used by
 //! production paths.
+pub mod bitrix24;

@@ -727,6 +727,9 @@ impl Bitrix24 {
 
     async fn call_ended(&self, job: &Job, steps: &dyn JobSteps) -> Result<Value, CrmError> {
         let call = &job.call_full;
+        if let Some(done) = steps.get("done") {
+            return Ok(done);
+        }
         let answered = !call.answered_by.is_empty();
         let answerer = if answered {
             self.employee(Some(&call.answered_by)).await?
@@ -748,16 +751,33 @@ impl Bitrix24 {
                 found
             }
         };
-        let Some(mut rec) = self
-            .ensure_registered(job, steps, first_emp.as_ref())
-            .await?
-        else {
-            return Ok(json!({"cancelled": true}));
+        let mut rec = match steps
+            .get("call")
+            .and_then(|v| serde_json::from_value::<CallRecord>(v).ok())
+        {
+            Some(rec) => rec,
+            None => {
+                let Some(rec) = self
+                    .ensure_registered(job, steps, first_emp.as_ref())
+                    .await?
+                else {
+                    return Ok(json!({"cancelled": true}));
+                };
+                // Kept with the job: the shared record is dropped once the call is done.
+                self.record_step(
+                    steps,
+                    "call",
+                    &serde_json::to_value(&rec).unwrap_or_default(),
+                )?;
+                rec
+            }
         };
         self.flush_call(&call.id)
             .await
             .map_err(BitrixError::into_crm)?;
-        rec = self.store.get(&call.id).unwrap_or(rec);
+        if let Some(fresh) = self.store.get(&call.id) {
+            rec = fresh;
+        }
         let phone = call.client_phone.clone();
 
         let finisher = match (&answerer, steps.get("finish_user").and_then(|v| v.as_i64())) {
@@ -899,15 +919,17 @@ impl Bitrix24 {
                 .await;
             self.record_step(steps, "post_registration", &json!(true))?;
         }
-        self.store.remove(&call.id);
-        Ok(json!({
+        let report = json!({
             "call_id": rec.call_id,
             "user_id": finisher,
             "status_code": status,
             "record": record,
             "crm_entity_type": rec.crm_entity_type,
             "crm_entity_id": rec.crm_entity_id,
-        }))
+        });
+        self.record_step(steps, "done", &report)?;
+        self.store.remove(&call.id);
+        Ok(report)
     }
 
     async fn attach_record(&self, call: &CallFull, crm_call_id: &str) -> Result<Value, CrmError> {

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use connector::{Bitrix24, PathRecords, RecordSource};
+pub use connector::{Bitrix24, Deps, PathRecords, RecordSource};
 pub use error::BitrixError;
 pub use events::{CRM_CALL_ID_VAR, ClickToCall};
 pub use store::{CallIdStore, CallRecord, MemoryCallIdStore};
