@@ -561,3 +561,37 @@ impl GetCall for MemoryCallIdStore {
         kolokol::crm::bitrix24::CallIdStore::get(self, id).map(|r| r.call_id)
     }
 }
+
+#[tokio::test]
+async fn daemon_wiring_polls_offline_events_until_stopped() {
+    let h = harness(|c, _| {
+        c.offline_events = true;
+        c.offline_poll_interval = Duration::from_millis(20);
+        c.application_token = "app-token-123".into();
+    })
+    .await;
+    let (tx, mut rx) = mpsc::channel(4);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (_router, poller) = h.b24.click_to_call(tx, stop.clone());
+    let poller = poller.expect("offline_events = true starts a poller");
+    h.sb.push_offline_event(
+        "ONEXTERNALCALLSTART",
+        json!({"PHONE_NUMBER": "79161234567", "USER_ID": "11", "CALL_ID": "externalCall.ddd.4"}),
+    );
+    let c2c = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (c2c.extension.as_str(), c2c.crm_call_id.as_str()),
+        ("101", "externalCall.ddd.4")
+    );
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), poller)
+        .await
+        .unwrap()
+        .unwrap();
+    let s = h.sb.snapshot();
+    assert_eq!(s.bound_events.len(), 1);
+    assert_eq!(s.bound_events[0]["event_type"], "offline");
+}

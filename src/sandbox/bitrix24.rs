@@ -601,10 +601,10 @@ async fn rest(
 
 fn take_fault(i: &mut Inner, method: &str) -> Option<Fault> {
     for key in [method.to_lowercase(), "*".to_string()] {
-        if let Some(q) = i.faults.get_mut(&key) {
-            if let Some(f) = q.pop_front() {
-                return Some(f);
-            }
+        if let Some(q) = i.faults.get_mut(&key)
+            && let Some(f) = q.pop_front()
+        {
+            return Some(f);
         }
     }
     None
@@ -1106,10 +1106,9 @@ fn dispatch(i: &mut Inner, method: &str, p: &Value) -> Result<Out, ApiErr> {
                 if e.phones
                     .iter()
                     .any(|ph| values.iter().any(|v| same_phone(ph, v)))
+                    && let Value::Array(a) = out.entry(e.kind.clone()).or_insert(json!([]))
                 {
-                    if let Value::Array(a) = out.entry(e.kind.clone()).or_insert(json!([])) {
-                        a.push(json!(e.id));
-                    }
+                    a.push(json!(e.id));
                 }
             }
             ok(if out.is_empty() {

@@ -200,6 +200,38 @@ impl Bitrix24 {
         self.pending_c2c.clone()
     }
 
+    /// Wire click-to-call for the daemon: the router for online events
+    /// (`POST /bitrix24/events`, to merge into the HTTP server) and, with
+    /// `offline_events = true`, a task that binds `ONEXTERNALCALLSTART` as an offline
+    /// event and polls `event.offline.get` until `stop`. Every accepted request arrives
+    /// on `tx`; originate it with [`super::events::CRM_CALL_ID_VAR`] set to its
+    /// `crm_call_id`.
+    pub fn click_to_call(
+        &self,
+        tx: tokio::sync::mpsc::Sender<ClickToCall>,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> (axum::Router, Option<tokio::task::JoinHandle<()>>) {
+        let intake = super::events::ClickToCallIntake::new(
+            self.cfg.application_token.clone(),
+            self.cfg.click_to_call_dedup,
+            tx,
+            self.pending_c2c.clone(),
+            self.users.clone(),
+        );
+        let router = super::events::router(intake.clone());
+        let poller = self.cfg.offline_events.then(|| {
+            let client = self.client.clone();
+            let every = self.cfg.offline_poll_interval;
+            tokio::spawn(async move {
+                super::events::bind_offline(&client).await;
+                super::events::spawn_offline_poller(client, intake, every, stop)
+                    .await
+                    .ok();
+            })
+        });
+        (router, poller)
+    }
+
     /// Startup check: the webhook/application has the scopes telephony, crm and user,
     /// and the employee directory loads.
     pub async fn check_access(&self) -> Result<usize, BitrixError> {
@@ -261,6 +293,14 @@ impl Bitrix24 {
         }
         if let Err(e) = self.send_card_cmds(&cmds).await {
             warn!(crm = "bitrix24", error = %e, "call cards not updated");
+            if e.is_retryable() {
+                // Back to the front of the queue: the next flush (or the call's end) retries.
+                if let Ok(mut p) = self.cards.pending.lock() {
+                    let later = std::mem::take(&mut *p);
+                    *p = ops;
+                    p.extend(later);
+                }
+            }
             return;
         }
         for (c, rec) in updates {
@@ -390,10 +430,10 @@ impl Bitrix24 {
                     }),
             );
         }
-        if call.direction == Direction::Outbound {
-            if let Some(ext) = ext {
-                return self.pending_c2c.take_match(ext, &call.client_phone);
-            }
+        if call.direction == Direction::Outbound
+            && let Some(ext) = ext
+        {
+            return self.pending_c2c.take_match(ext, &call.client_phone);
         }
         None
     }
@@ -1230,10 +1270,10 @@ fn all_employees(call: &CallFull) -> Vec<String> {
     let mut out = Vec::new();
     if let Some(Value::Object(convs)) = call.extra.get("conversations") {
         for id in convs.keys() {
-            if let Some(e) = conversation_employee(call, id) {
-                if !out.contains(&e) {
-                    out.push(e);
-                }
+            if let Some(e) = conversation_employee(call, id)
+                && !out.contains(&e)
+            {
+                out.push(e);
             }
         }
     }
@@ -1264,12 +1304,12 @@ fn start_date(call: &CallFull) -> String {
                 .and_then(|c| c.get("start_time"))
                 .and_then(Value::as_str)
         });
-    if let Some(r) = raw {
-        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(r, "%Y-%m-%d %H:%M:%S") {
-            use chrono::TimeZone;
-            if let Some(local) = chrono::Local.from_local_datetime(&t).earliest() {
-                return local.format("%Y-%m-%dT%H:%M:%S%:z").to_string();
-            }
+    if let Some(r) = raw
+        && let Ok(t) = chrono::NaiveDateTime::parse_from_str(r, "%Y-%m-%d %H:%M:%S")
+    {
+        use chrono::TimeZone;
+        if let Some(local) = chrono::Local.from_local_datetime(&t).earliest() {
+            return local.format("%Y-%m-%dT%H:%M:%S%:z").to_string();
         }
     }
     chrono::Local::now()
@@ -1307,4 +1347,89 @@ pub fn status_code(call: &CallFull, cfg: &Bitrix24Config) -> String {
         _ => "304",
     }
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(direction: Direction, answered_by: &str, result: u16) -> CallFull {
+        CallFull {
+            id: "1.0".into(),
+            direction,
+            answered_by: answered_by.into(),
+            result,
+            ..CallFull::default()
+        }
+    }
+
+    #[test]
+    fn status_codes() {
+        let cfg = Bitrix24Config::default();
+        let code = |d, a: &str, r| status_code(&ended(d, a, r), &cfg);
+        assert_eq!(
+            code(Direction::Inbound, "101", 487),
+            "200",
+            "answered wins over a losing leg"
+        );
+        assert_eq!(code(Direction::Inbound, "", 480), "304");
+        assert_eq!(code(Direction::Inbound, "", 487), "304");
+        assert_eq!(code(Direction::Inbound, "", 486), "486");
+        assert_eq!(code(Direction::Outbound, "", 487), "603-S");
+        assert_eq!(code(Direction::Outbound, "", 480), "480");
+        assert_eq!(code(Direction::Outbound, "", 404), "404");
+        let mut cfg = Bitrix24Config::default();
+        cfg.status_map.insert("inbound:487".into(), "603-S".into());
+        cfg.status_map.insert("480".into(), "OTHER".into());
+        assert_eq!(
+            status_code(&ended(Direction::Inbound, "", 487), &cfg),
+            "603-S"
+        );
+        assert_eq!(
+            status_code(&ended(Direction::Outbound, "", 480), &cfg),
+            "OTHER"
+        );
+    }
+
+    #[test]
+    fn card_plan_drops_repeats_and_cancels_pairs() {
+        let rec = CallRecord {
+            call_id: "externalCall.x".into(),
+            shown: vec![11],
+            ..CallRecord::default()
+        };
+        use CardOp::*;
+        let (rec2, cmds) = plan_cards(
+            "c",
+            rec.clone(),
+            &[Show(11), Show(12), Show(13), Hide(13), Hide(11), Hide(14)],
+        );
+        assert_eq!(rec2.shown, vec![12]);
+        assert_eq!(cmds.len(), 2);
+        assert_eq!(cmds[0].1, "telephony.externalcall.hide");
+        assert_eq!(cmds[0].2["USER_ID"], json!([11]));
+        assert_eq!(cmds[1].2["USER_ID"], json!([12]));
+        let finished = CallRecord {
+            finished: true,
+            ..rec
+        };
+        assert!(
+            plan_cards("c", finished, &[Hide(11)]).1.is_empty(),
+            "no card calls after finish"
+        );
+    }
+
+    #[test]
+    fn conversation_employee_reads_user_or_channel() {
+        let mut c = ended(Direction::Inbound, "", 0);
+        c.extra.insert(
+            "conversations".into(),
+            json!({"a": {"user": "101"}, "b": {"user": {"number": "102"}}, "c": {"channel": {"from": "79161234567", "to": "103"}}}),
+        );
+        assert_eq!(conversation_employee(&c, "a").as_deref(), Some("101"));
+        assert_eq!(conversation_employee(&c, "b").as_deref(), Some("102"));
+        assert_eq!(conversation_employee(&c, "c").as_deref(), Some("103"));
+        assert_eq!(conversation_employee(&c, "zz"), None);
+        assert_eq!(all_employees(&c), vec!["101", "102", "103"]);
+    }
 }

@@ -220,10 +220,11 @@ impl ClickToCallIntake {
             seen.insert(key, Instant::now());
         }
         let mut extension = crate::phone::digits(&s("EXTENSION"));
-        if extension.is_empty() && user_id > 0 {
-            if let Ok(Some(e)) = self.users.by_id(user_id).await {
-                extension = e.extension;
-            }
+        if extension.is_empty()
+            && user_id > 0
+            && let Ok(Some(e)) = self.users.by_id(user_id).await
+        {
+            extension = e.extension;
         }
         if extension.is_empty() {
             warn!(
@@ -307,6 +308,30 @@ pub fn router(state: Arc<ClickToCallIntake>) -> Router {
         .route("/bitrix24/events", post(handle_event))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_EVENT_BODY))
         .with_state(state)
+}
+
+/// Bind `ONEXTERNALCALLSTART` as an offline event (idempotent: "already bound" is
+/// fine). `event.bind` needs an application; with a webhook it fails, and the admin
+/// binds the event once by hand (logged with how).
+pub async fn bind_offline(client: &Client) {
+    match client
+        .call(
+            "event.bind",
+            json!({"event": "ONEXTERNALCALLSTART", "event_type": "offline"}),
+        )
+        .await
+    {
+        Ok(_) => info!(
+            crm = "bitrix24",
+            "ONEXTERNALCALLSTART bound as an offline event"
+        ),
+        Err(e) if e.description().to_lowercase().contains("already") => {}
+        Err(e) => warn!(
+            crm = "bitrix24",
+            error = %e,
+            "cannot bind ONEXTERNALCALLSTART as an offline event; bind it once with the local application (event.bind event=ONEXTERNALCALLSTART event_type=offline)"
+        ),
+    }
 }
 
 /// Fetch (and clear) queued offline events once; returns how many were read.
