@@ -605,3 +605,108 @@ async fn debounced_cards_cancel_out_and_go_in_one_batch() {
         assert_every_show_hidden(&s.cards_of(&c.call_id));
     }
 }
+
+/// Fixture 15's twenty concurrent callers, each call's stages in order, calls in
+/// parallel (as the outbox delivers them): our limiter keeps the portal's leaky bucket
+/// from overflowing, and every call gets exactly one finish with the right status.
+#[tokio::test]
+async fn burst_of_20_concurrent_calls_15_stays_under_the_portal_limit() {
+    let h = std::sync::Arc::new(
+        harness(|c, _| {
+            c.rate_per_sec = 60.0;
+            c.burst = 10;
+        })
+        .await,
+    );
+    h.sb.set_rate(60.0, 12);
+    // (linkedid suffix, DID, legs rung, answered_by, result)
+    let plan: [(u32, &str, &[&str], &str, u16); 20] = [
+        (139, "74951234569", &["101", "102"], "101", 200),
+        (142, "74951234568", &["101", "102"], "102", 200),
+        (145, "74951234569", &[], "", 487),
+        (146, "74951234568", &["101", "102"], "", 487),
+        (149, "74951234569", &["101", "102"], "102", 200),
+        (150, "74951234568", &["101", "102"], "101", 200),
+        (153, "74951234569", &["101"], "101", 200),
+        (154, "74951234568", &["101", "102"], "101", 200),
+        (157, "74951234569", &["101", "102", "101"], "", 487),
+        (158, "74951234568", &["101", "102"], "", 480),
+        (161, "74951234569", &[], "", 487),
+        (162, "74951234568", &["101", "102"], "", 480),
+        (165, "74951234569", &[], "", 487),
+        (166, "74951234568", &["101", "102"], "102", 200),
+        (169, "74951234569", &[], "", 487),
+        (170, "74951234568", &["101", "102"], "", 487),
+        (173, "74951234569", &["101", "102"], "", 487),
+        (174, "74951234568", &["101", "102"], "101", 200),
+        (177, "74951234569", &[], "", 487),
+        (178, "74951234568", &["101", "102"], "102", 200),
+    ];
+    let mut tasks = Vec::new();
+    for (n, (seq, did, legs, answered, result)) in plan.iter().enumerate() {
+        let h = h.clone();
+        let (seq, did, legs, answered, result) = (*seq, *did, legs.to_vec(), *answered, *result);
+        tasks.push(tokio::spawn(async move {
+            let id = format!("1795305227.{seq}");
+            let mut c = call(&id, Direction::Inbound, &format!("791655501{n:02}"), did);
+            for (i, ext) in legs.iter().enumerate() {
+                let leg = format!("{id}-{i}");
+                conv(&mut c, &leg, ext, false);
+                h.deliver(Stage::ConversationRequested, Some(&leg), &c)
+                    .await
+                    .unwrap();
+            }
+            for (i, ext) in legs.iter().enumerate() {
+                let leg = format!("{id}-{i}");
+                if *ext == answered && !c.answered_by.eq(answered) {
+                    conv(&mut c, &leg, ext, true);
+                    c.answered_by = answered.into();
+                    h.deliver(Stage::ConversationAccepted, Some(&leg), &c)
+                        .await
+                        .unwrap();
+                } else {
+                    h.deliver(Stage::ConversationEnded, Some(&leg), &c)
+                        .await
+                        .unwrap();
+                }
+            }
+            ended(
+                &mut c,
+                answered,
+                result,
+                if answered.is_empty() { 0 } else { 7 },
+                20,
+            );
+            h.deliver(Stage::CallEnded, None, &c).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let s = h.sb.snapshot();
+    assert_eq!(
+        s.requests
+            .iter()
+            .filter(|r| r.error.as_deref() == Some("QUERY_LIMIT_EXCEEDED"))
+            .count(),
+        0
+    );
+    assert_eq!(s.calls.len(), 20);
+    assert_eq!(s.count("telephony.externalcall.register"), 20);
+    assert_eq!(s.count("telephony.externalcall.finish"), 20);
+    let mut answered = 0;
+    for (seq, _, _, by, _) in plan {
+        let call = s.call_by_external(&format!("1795305227.{seq}")).unwrap();
+        let fin = call.finish.as_ref().unwrap();
+        match by {
+            "" => assert_eq!(fin["STATUS_CODE"], "304", "{seq}"),
+            ext => {
+                answered += 1;
+                assert_eq!(fin["STATUS_CODE"], "200", "{seq}");
+                assert_eq!(fin["USER_ID"], if ext == "101" { 11 } else { 12 }, "{seq}");
+            }
+        }
+        assert_every_show_hidden(&s.cards_of(&call.call_id));
+    }
+    assert_eq!(answered, 9);
+}
