@@ -5,3 +5,4 @@
 
 pub mod ami_server;
 pub mod kommo;
+pub mod bitrix24;
