@@ -14,6 +14,7 @@ pub mod crm;
 pub mod daemon;
 pub mod hooks;
 pub mod http;
+pub mod originate;
 pub mod phone;
 pub mod records;
 pub mod sandbox;
