@@ -12,6 +12,7 @@ use crate::crm::bitrix24::Bitrix24Config;
 use crate::crm::kommo::KommoConfig;
 use crate::hooks::HooksConfig;
 use crate::http::HttpConfig;
+use crate::originate::OriginateConfig;
 use crate::records::RecordsConfig;
 use crate::store::StorageConfig;
 
@@ -29,6 +30,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub http: HttpConfig,
     pub agi: AgiConfig,
+    pub originate: OriginateConfig,
     pub kommo: Option<KommoConfig>,
     pub bitrix24: Option<Bitrix24Config>,
 }

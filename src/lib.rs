@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod hooks;
 pub mod http;
 pub mod metrics;
+pub mod originate;
 pub mod phone;
 pub mod records;
 pub mod sandbox;
