@@ -115,7 +115,9 @@ pub async fn run(
         .context("CRM setup failed")?;
     let connectors: Vec<Arc<dyn Connector>> = built.iter().map(|b| b.connector.clone()).collect();
     if connectors.is_empty() {
-        tracing::warn!("no CRM configured ([kommo] / [bitrix24]): calls are tracked and journaled only");
+        tracing::warn!(
+            "no CRM configured ([kommo] / [bitrix24]): calls are tracked and journaled only"
+        );
     }
 
     let tracker = Tracker::new(&config.calls).context("invalid [calls] settings")?;
@@ -257,14 +259,21 @@ pub async fn run(
     ami.shutdown().await;
     tracker_cancel.cancel();
     let _ = tokio::time::timeout_at(deadline, tracker_task).await;
-    if tokio::time::timeout_at(deadline, pipeline_task).await.is_err() {
-        tracing::warn!("pipeline did not finish in time; unconverted recordings keep their original file");
+    if tokio::time::timeout_at(deadline, pipeline_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "pipeline did not finish in time; unconverted recordings keep their original file"
+        );
     }
     workers_cancel.cancel();
     let workers = shared.workers.lock().ok().and_then(|mut w| w.take());
     if let Some(w) = workers {
         if tokio::time::timeout_at(deadline, w.join()).await.is_err() {
-            tracing::warn!("CRM workers still busy at shutdown; their jobs stay pending and resume at next start");
+            tracing::warn!(
+                "CRM workers still busy at shutdown; their jobs stay pending and resume at next start"
+            );
         }
     }
     http_cancel.cancel();
@@ -276,8 +285,10 @@ pub async fn run(
 
 async fn wait_for_signal(cancel: &CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with the cancel token only");
         cancel.cancelled().await;
         return;

@@ -44,7 +44,10 @@ impl Pipeline {
             while conversions.try_join_next().is_some() {}
         }
         if !conversions.is_empty() {
-            tracing::info!(running = conversions.len(), "waiting for recording conversions");
+            tracing::info!(
+                running = conversions.len(),
+                "waiting for recording conversions"
+            );
         }
         while conversions.join_next().await.is_some() {}
         tracing::info!("pipeline stopped");
@@ -73,7 +76,11 @@ impl Pipeline {
                     tracing::error!(call_id = %ev.call_full.id, stage = ev.stage.as_str(), error = %e,
                         "cannot write CRM jobs to the database; retrying (check disk space and [storage] state_dir)");
                     self.metrics
-                        .counter("kolokol_store_errors_total", "Failed writes of stage events", &[])
+                        .counter(
+                            "kolokol_store_errors_total",
+                            "Failed writes of stage events",
+                            &[],
+                        )
                         .inc();
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(std::time::Duration::from_secs(5));
@@ -143,8 +150,12 @@ impl Pipeline {
             });
         }
         if let Some(link) = main_link {
-            ev.call_full.extra.insert("record_link".into(), Value::String(link));
+            ev.call_full
+                .extra
+                .insert("record_link".into(), Value::String(link));
         }
-        ev.call_full.extra.insert("record_links".into(), Value::Object(links));
+        ev.call_full
+            .extra
+            .insert("record_links".into(), Value::Object(links));
     }
 }

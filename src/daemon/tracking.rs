@@ -102,7 +102,11 @@ pub(crate) async fn run(
                 "stage"
             );
             metrics
-                .counter("kolokol_stage_events_total", "Stage events emitted", &[("stage", ev.stage.as_str())])
+                .counter(
+                    "kolokol_stage_events_total",
+                    "Stage events emitted",
+                    &[("stage", ev.stage.as_str())],
+                )
                 .inc();
             if stages.send(ev).await.is_err() {
                 tracing::error!("pipeline stopped; stage event dropped");
@@ -123,7 +127,9 @@ fn spawn_resync(ami: AmiHandle, tx: mpsc::Sender<Vec<Message>>) {
                 message = resp.message().unwrap_or(""),
                 "CoreShowChannels refused (AMI user lacks 'reporting'/'system' read?): live calls not resynced"
             ),
-            Err(e) => tracing::warn!(error = %e, "CoreShowChannels failed: live calls not resynced"),
+            Err(e) => {
+                tracing::warn!(error = %e, "CoreShowChannels failed: live calls not resynced")
+            }
         }
     });
 }

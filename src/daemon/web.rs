@@ -88,10 +88,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
             w.render_prometheus(&mut text);
         }
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        text,
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 /// The admin page's data source.
@@ -130,7 +127,8 @@ impl AdminSource for Admin {
                 .into_iter()
                 .map(|e| {
                     let cf = &e.call_full;
-                    let text = |k: &str| cf.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+                    let text =
+                        |k: &str| cf.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
                     let crm = e
                         .crm
                         .as_object()

@@ -517,8 +517,20 @@ impl FakeAmi {
     /// Stream a replay to every logged-in session, keeping its timing (if timed).
     /// Returns when the last chunk has been handed over.
     pub async fn play(&self, replay: &Replay) {
+        self.play_with(replay, |_| {}).await
+    }
+
+    /// Like [`FakeAmi::play`], but first shows `before` all the bytes about to be sent
+    /// (ids already rewritten), e.g. to create the recording files they name.
+    pub async fn play_with(&self, replay: &Replay, before: impl FnOnce(&[u8])) {
         let start = Instant::now();
-        for chunk in replay.chunks(&self.inner.ids) {
+        let chunks = replay.chunks(&self.inner.ids);
+        let all: Vec<u8> = chunks
+            .iter()
+            .flat_map(|c| c.bytes.iter().copied())
+            .collect();
+        before(&all);
+        for chunk in chunks {
             tokio::time::sleep_until(start + chunk.at).await;
             self.push_bytes(chunk.bytes);
         }

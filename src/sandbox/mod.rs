@@ -4,5 +4,6 @@
 //! production paths.
 
 pub mod ami_server;
-pub mod kommo;
 pub mod bitrix24;
+pub mod demo;
+pub mod kommo;
