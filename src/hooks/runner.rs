@@ -472,6 +472,9 @@ async fn talk(
                 r = &mut wait, if status.is_none() => {
                     status = Some(r);
                     if killed.is_some() {
+                        // Already SIGKILLed; the leader is reaped now, so the group
+                        // id must not be signalled again.
+                        killer.pgid = None;
                         break;
                     }
                     // Its output is complete; background children it left behind must
