@@ -58,10 +58,10 @@ fn wait_gone(pid: i32, within: Duration) -> bool {
 fn read_pid(path: &Path) -> i32 {
     let until = Instant::now() + Duration::from_secs(5);
     loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if let Ok(pid) = s.trim().parse() {
-                return pid;
-            }
+        if let Ok(s) = std::fs::read_to_string(path)
+            && let Ok(pid) = s.trim().parse()
+        {
+            return pid;
         }
         assert!(
             Instant::now() < until,
@@ -231,6 +231,9 @@ async fn every_failure_mode_falls_back_to_the_default() {
     write_script(d, "process_call_params.py", "#!/bin/sh\necho '{}'\n");
     let report = r.run_hook(Hook::ProcessCallParams, &json!({}), "c").await;
     assert_eq!(failure_kind(&report), Some(FailureKind::Ambiguous));
+    let problems = r.problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains("keep only one"));
 
     let m = r.metrics().snapshot();
     assert_eq!(m.timeouts, 1);
