@@ -7,6 +7,7 @@
 //! never stops a call: the run ends in [`HookOutcome::Default`] and kolokol carries on
 //! with its own behaviour. See `customizations/README.md` for every hook's JSON.
 
+pub mod contract;
 pub mod metrics;
 pub mod names;
 pub mod runner;
