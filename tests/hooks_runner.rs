@@ -395,6 +395,23 @@ async fn large_input_to_a_script_that_ignores_or_echoes_it() {
     assert_eq!(a.outcome, HookOutcome::Data(json!({"ignored": true})));
     let b = r.run_hook(Hook::ProcessLeadUpdateParams, &input, "c").await;
     assert_eq!(b.outcome, HookOutcome::Data(input));
+
+    // 8 MB of stderr before the answer: drained concurrently (no pipe deadlock), only
+    // its end kept for the log.
+    write_script(
+        dir.path(),
+        "process_task_creation_params",
+        "#!/bin/sh
+head -c 8000000 /dev/zero | tr '\\0' e >&2
+echo 'the end' >&2
+echo '{\"state\":\"success\",\"data\":{\"ok\":1}}'\n",
+    );
+    let c = r
+        .run_hook(Hook::ProcessTaskCreationParams, &json!({}), "c")
+        .await;
+    assert_eq!(c.outcome, HookOutcome::Data(json!({"ok": 1})));
+    assert!(c.stderr_tail.ends_with("the end\n"));
+    assert!(c.stderr_tail.len() <= kolokol::hooks::runner::STDERR_TAIL);
 }
 
 #[tokio::test]
