@@ -58,10 +58,10 @@ fn wait_gone(pid: i32, within: Duration) -> bool {
 fn read_pid(path: &Path) -> i32 {
     let until = Instant::now() + Duration::from_secs(5);
     loop {
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if let Ok(pid) = s.trim().parse() {
-                return pid;
-            }
+        if let Ok(s) = std::fs::read_to_string(path)
+            && let Ok(pid) = s.trim().parse()
+        {
+            return pid;
         }
         assert!(
             Instant::now() < until,
@@ -231,6 +231,9 @@ async fn every_failure_mode_falls_back_to_the_default() {
     write_script(d, "process_call_params.py", "#!/bin/sh\necho '{}'\n");
     let report = r.run_hook(Hook::ProcessCallParams, &json!({}), "c").await;
     assert_eq!(failure_kind(&report), Some(FailureKind::Ambiguous));
+    let problems = r.problems();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains("keep only one"));
 
     let m = r.metrics().snapshot();
     assert_eq!(m.timeouts, 1);
@@ -392,6 +395,23 @@ async fn large_input_to_a_script_that_ignores_or_echoes_it() {
     assert_eq!(a.outcome, HookOutcome::Data(json!({"ignored": true})));
     let b = r.run_hook(Hook::ProcessLeadUpdateParams, &input, "c").await;
     assert_eq!(b.outcome, HookOutcome::Data(input));
+
+    // 8 MB of stderr before the answer: drained concurrently (no pipe deadlock), only
+    // its end kept for the log.
+    write_script(
+        dir.path(),
+        "process_task_creation_params",
+        "#!/bin/sh
+head -c 8000000 /dev/zero | tr '\\0' e >&2
+echo 'the end' >&2
+echo '{\"state\":\"success\",\"data\":{\"ok\":1}}'\n",
+    );
+    let c = r
+        .run_hook(Hook::ProcessTaskCreationParams, &json!({}), "c")
+        .await;
+    assert_eq!(c.outcome, HookOutcome::Data(json!({"ok": 1})));
+    assert!(c.stderr_tail.ends_with("the end\n"));
+    assert!(c.stderr_tail.len() <= kolokol::hooks::runner::STDERR_TAIL);
 }
 
 #[tokio::test]

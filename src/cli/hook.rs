@@ -83,8 +83,8 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         "HOOK",
         "TIMEOUT"
     );
-    for hook in Hook::ALL {
-        let status = match runner.locate(hook) {
+    for (hook, installed, timeout) in runner.inventory() {
+        let status = match installed {
             Installed::Missing => "not installed".to_string(),
             Installed::Found {
                 path,
@@ -104,7 +104,7 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
                 file_name(&b)
             ),
         };
-        let timeout = humantime::format_duration(runner.timeout(hook)).to_string();
+        let timeout = humantime::format_duration(timeout).to_string();
         println!("{:<34} {:>8}  {status}", hook.as_str(), timeout);
     }
     Ok(ExitCode::SUCCESS)

@@ -6,7 +6,35 @@
 //! `{"state": "success", "data": {...}}` from its stdout. A missing or broken script
 //! never stops a call: the run ends in [`HookOutcome::Default`] and kolokol carries on
 //! with its own behaviour. See `customizations/README.md` for every hook's JSON.
+//!
+//! How the rest of kolokol uses it:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use kolokol::calls::{CallFull, Stage};
+//! use kolokol::hooks::{Customize, Hook, HooksConfig, Runner, contract, registration_wanted};
+//!
+//! # async fn stage(cfg: HooksConfig, call: CallFull) {
+//! let runner = Arc::new(Runner::new(cfg));
+//! // Typed: the report also says why a default was used.
+//! let input = contract::need_registration_input(&call, Stage::CallEnded);
+//! let report = runner.run_hook(Hook::NeedRegistration, &input, &call.id).await;
+//! if !registration_wanted(&report.outcome) {
+//!     return;
+//! }
+//! // Or through the trait the CRM connectors take (`Arc<dyn Customize>`).
+//! let customize: Arc<dyn Customize> = runner.clone();
+//! let input = contract::client_phone_input(&call.client_phone, &call, Stage::CallEnded);
+//! let outcome = customize.run("process_client_phone", input, &call.id).await;
+//! let Some(_phone) = contract::phone_from(&outcome, &call.client_phone) else {
+//!     return; // cancelled by customization
+//! };
+//! // `/metrics`:
+//! let _text = runner.metrics().render_prometheus();
+//! # }
+//! ```
 
+pub mod contract;
 pub mod metrics;
 pub mod names;
 pub mod runner;
@@ -28,11 +56,13 @@ use std::time::Duration;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HooksConfig {
+    /// The customizations folder: one executable per hook, named after it (optionally
+    /// with one extension). Default `/etc/kolokol/customizations`.
     pub dir: PathBuf,
     /// Per-hook timeouts, e.g. `process_record_file_path = "10s"`.
     #[serde(with = "humantime_serde_map")]
     pub timeouts: BTreeMap<String, Duration>,
-    /// How many scripts may run at once.
+    /// How many scripts may run at once, all hooks together (0 is taken as 1).
     pub max_concurrent: usize,
 }
 

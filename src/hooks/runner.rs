@@ -173,6 +173,39 @@ impl Runner {
         locate_in(&self.config.dir, hook)
     }
 
+    /// Every hook with where its script is and its timeout (blocking: reads the folder).
+    /// `kolokol hook list` prints this; `check-config` can report its problems.
+    pub fn inventory(&self) -> Vec<(Hook, Installed, Duration)> {
+        Hook::ALL
+            .into_iter()
+            .map(|h| (h, self.locate(h), self.timeout(h)))
+            .collect()
+    }
+
+    /// Installed scripts that cannot run, one sentence each (not executable, two
+    /// candidates for one hook). Empty when all is well (absent hooks are fine).
+    pub fn problems(&self) -> Vec<String> {
+        self.inventory()
+            .into_iter()
+            .filter_map(|(hook, installed, _)| match installed {
+                Installed::Found {
+                    path,
+                    executable: false,
+                } => Some(format!(
+                    "customization {hook}: {} is not executable: run `chmod +x {}`",
+                    path.display(),
+                    path.display()
+                )),
+                Installed::Ambiguous(a, b) => Some(format!(
+                    "customization {hook}: both {} and {} match; keep only one",
+                    a.display(),
+                    b.display()
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Run `hook` with `input`, exactly as the daemon does; logs one line on failure
     /// and counts the run. Never panics on anything a script does.
     pub async fn run_hook(&self, hook: Hook, input: &Value, call_id: &str) -> RunReport {
@@ -472,6 +505,9 @@ async fn talk(
                 r = &mut wait, if status.is_none() => {
                     status = Some(r);
                     if killed.is_some() {
+                        // Already SIGKILLed; the leader is reaped now, so the group
+                        // id must not be signalled again.
+                        killer.pgid = None;
                         break;
                     }
                     // Its output is complete; background children it left behind must
@@ -741,14 +777,14 @@ fn enforce_autodistribution(
             }
         }
     }
-    if let Some(Value::String(name)) = map.get_mut("name") {
-        if name.chars().count() > MAX_CALLERID_NAME {
-            let cut: String = name.chars().take(MAX_CALLERID_NAME).collect();
-            warnings.push(format!(
-                "name {name:?} cut to {MAX_CALLERID_NAME} characters ({cut:?}): Asterisk CallerID limit"
-            ));
-            *name = cut;
-        }
+    if let Some(Value::String(name)) = map.get_mut("name")
+        && name.chars().count() > MAX_CALLERID_NAME
+    {
+        let cut: String = name.chars().take(MAX_CALLERID_NAME).collect();
+        warnings.push(format!(
+            "name {name:?} cut to {MAX_CALLERID_NAME} characters ({cut:?}): Asterisk CallerID limit"
+        ));
+        *name = cut;
     }
     Ok(())
 }
