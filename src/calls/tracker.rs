@@ -29,8 +29,9 @@ use super::classify::{Classifier, Kind, local_exten, split_channel_name};
 use super::config::{CallsConfig, CallsConfigError, parse_offset};
 use crate::ami::Message;
 
-/// How many uniqueids of hung-up channels are remembered to ignore late events.
-const RECENTLY_ENDED: usize = 4096;
+/// How many uniqueids of hung-up channels are remembered to ignore late events (they
+/// arrive within milliseconds of the hangup).
+const RECENTLY_ENDED: usize = 2048;
 
 type Time = DateTime<Utc>;
 
@@ -242,8 +243,10 @@ impl Tracker {
             keep_vars,
             channels: HashMap::new(),
             calls: HashMap::new(),
-            ended: HashSet::new(),
-            ended_order: VecDeque::new(),
+            // Twice the ring's size, so that insert/remove churn rehashes in place
+            // instead of growing the table: memory stays flat.
+            ended: HashSet::with_capacity(RECENTLY_ENDED * 2),
+            ended_order: VecDeque::with_capacity(RECENTLY_ENDED + 1),
             resync: None,
         })
     }
@@ -312,6 +315,11 @@ impl Tracker {
                 }
             }
             "MixMonitorStart" => {}
+            // The resync list can come through here too (see `begin_resync`).
+            "CoreShowChannel" if self.resync.is_some() => self.resync_channel(m, at),
+            "CoreShowChannelsComplete" if self.resync.is_some() => {
+                out.extend(self.end_resync(at));
+            }
             "OriginateResponse" => self.on_originate_response(m, at),
             "Pickup" => self.on_pickup(m, at),
             "ParkedCall" => self.on_parked(m, true, at),
@@ -404,6 +412,10 @@ impl Tracker {
         call.channels.push(ch.id.clone());
         call.live += 1;
         call.last_event = at;
+        // A channel that appears while a resync runs is alive by definition.
+        if let Some(seen) = self.resync.as_mut() {
+            seen.insert(ch.id.clone());
+        }
         let id: Box<str> = ch.id.clone();
         self.channels.insert(id.clone(), ch);
         Some(id)
@@ -1023,7 +1035,11 @@ impl Tracker {
 
     // ---- resync after an AMI reconnect ----
 
-    /// Start rebuilding from `CoreShowChannels` after an AMI reconnect.
+    /// Start rebuilding from `CoreShowChannels` after an AMI reconnect: call this,
+    /// send the action, then pass its `CoreShowChannel` events to
+    /// [`Tracker::resync_channel`] and finish with [`Tracker::end_resync`] (or simply
+    /// feed everything to [`Tracker::handle`], which does both while a resync runs).
+    /// Ordinary events may interleave: channels they create count as alive.
     pub fn begin_resync(&mut self) {
         self.resync = Some(HashSet::new());
     }
