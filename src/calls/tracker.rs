@@ -18,12 +18,12 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use chrono::{DateTime, FixedOffset, Utc};
+use chrono::{DateTime, Datelike, FixedOffset, Timelike, Utc};
 use serde_json::Value;
 
 use super::call_full::{
-    CallFull, ChannelData, Conversation, Conversations, Direction, Party, Stage, StageEvent,
-    UNSET_TIME, User,
+    CallFull, ChannelData, ChannelExtra, Conversation, Conversations, Direction, Party, Stage,
+    StageEvent, UNSET_TIME, User,
 };
 use super::classify::{Classifier, Kind, local_exten, split_channel_name};
 use super::config::{CallsConfig, CallsConfigError, parse_offset};
@@ -171,6 +171,8 @@ pub struct Tracker {
     ended: HashSet<Box<str>>,
     ended_order: VecDeque<Box<str>>,
     resync: Option<HashSet<Box<str>>>,
+    /// Inbound trunk channels whose DID is not known yet (created with `Exten=s`).
+    need_did: HashSet<Box<str>>,
 }
 
 fn g<'a>(m: &'a Message, k: &str) -> &'a str {
@@ -248,6 +250,7 @@ impl Tracker {
             ended: HashSet::with_capacity(RECENTLY_ENDED * 2),
             ended_order: VecDeque::with_capacity(RECENTLY_ENDED + 1),
             resync: None,
+            need_did: HashSet::new(),
         })
     }
 
@@ -412,6 +415,9 @@ impl Tracker {
         call.channels.push(ch.id.clone());
         call.live += 1;
         call.last_event = at;
+        if ch.kind == Kind::Trunk && ch.exten.is_empty() && id == linkedid {
+            self.need_did.insert(ch.id.clone());
+        }
         // A channel that appears while a resync runs is alive by definition.
         if let Some(seen) = self.resync.as_mut() {
             seen.insert(ch.id.clone());
@@ -523,16 +529,23 @@ impl Tracker {
     }
 
     fn on_newexten(&mut self, m: &Message) {
-        // Only needed to learn the DID of a trunk channel created with Exten=s.
-        let id = g(m, "Uniqueid");
-        if let Some(ch) = self.channels.get_mut(id) {
-            if ch.exten.is_empty() && ch.kind == Kind::Trunk && &*ch.call == id {
-                let e = g(m, "Exten");
-                if !e.is_empty() && e != "s" {
-                    ch.exten = e.to_string();
-                }
-            }
+        // Only needed to learn the DID of an inbound trunk channel created with
+        // Exten=s; Newexten is among the most frequent events, so skip it fast.
+        if self.need_did.is_empty() {
+            return;
         }
+        let id = g(m, "Uniqueid");
+        if !self.need_did.contains(id) {
+            return;
+        }
+        let e = g(m, "Exten");
+        if e.is_empty() || e == "s" {
+            return;
+        }
+        if let Some(ch) = self.channels.get_mut(id) {
+            ch.exten = e.to_string();
+        }
+        self.need_did.remove(id);
     }
 
     fn on_varset(&mut self, m: &Message, at: Time) {
@@ -911,6 +924,7 @@ impl Tracker {
                 if let Some(ch) = self.channels.get(id) {
                     if &*ch.call == call_id {
                         self.channels.remove(id);
+                        self.need_did.remove(id);
                         self.remember_ended(id);
                     }
                 }
@@ -1366,14 +1380,39 @@ impl Tracker {
         }
     }
 
+    /// `YYYY-MM-DD HH:MM:SS` at the configured offset. Written by hand: this runs
+    /// for every time of every channel of every snapshot, and strftime parsing its
+    /// pattern each time was a visible share of the tracker's cost.
     fn fmt_time(&self, t: Option<Time>) -> String {
-        match t {
-            Some(t) => t
-                .with_timezone(&self.offset)
-                .format("%Y-%m-%d %H:%M:%S")
-                .to_string(),
-            None => UNSET_TIME.to_string(),
+        let Some(t) = t else {
+            return UNSET_TIME.to_string();
+        };
+        let l = t.with_timezone(&self.offset).naive_local();
+        let (y, mo, d) = (l.year(), l.month(), l.day());
+        let (h, mi, se) = (l.hour(), l.minute(), l.second());
+        if !(0..=9999).contains(&y) {
+            return UNSET_TIME.to_string();
         }
+        let mut b = [0u8; 19];
+        let put = |b: &mut [u8], at: usize, v: u32, w: usize| {
+            let mut v = v;
+            for i in (0..w).rev() {
+                b[at + i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(&mut b, 0, y as u32, 4);
+        b[4] = b'-';
+        put(&mut b, 5, mo, 2);
+        b[7] = b'-';
+        put(&mut b, 8, d, 2);
+        b[10] = b' ';
+        put(&mut b, 11, h, 2);
+        b[13] = b':';
+        put(&mut b, 14, mi, 2);
+        b[16] = b':';
+        put(&mut b, 17, se, 2);
+        String::from_utf8_lossy(&b).into_owned()
     }
 
     fn channel_data(
@@ -1442,24 +1481,16 @@ impl Tracker {
             "ringing"
         };
         let end = ch.end.or(conv.and_then(|c| c.ended));
-        let mut extra = serde_json::Map::new();
-        extra.insert("endpoint".into(), Value::String(ch.endpoint.clone()));
-        extra.insert("context".into(), Value::String(ch.context.clone()));
-        extra.insert("exten".into(), Value::String(ch.exten.clone()));
-        extra.insert(
-            "caller_id_num".into(),
-            Value::String(ch.cur_caller_num.clone()),
-        );
-        if let Some(c) = conv {
-            extra.insert("dial_status".into(), Value::String(c.dial_status.clone()));
-        }
-        if let Some(cause) = ch.hangup_cause {
-            extra.insert("hangup_cause".into(), Value::from(cause));
-            extra.insert(
-                "hangup_cause_txt".into(),
-                Value::String(ch.hangup_cause_txt.clone()),
-            );
-        }
+        let extra = ChannelExtra {
+            endpoint: ch.endpoint.clone(),
+            context: ch.context.clone(),
+            exten: ch.exten.clone(),
+            caller_id_num: ch.cur_caller_num.clone(),
+            dial_status: conv.map(|c| c.dial_status.clone()),
+            hangup_cause: ch.hangup_cause,
+            hangup_cause_txt: ch.hangup_cause.map(|_| ch.hangup_cause_txt.clone()),
+            rest: serde_json::Map::new(),
+        };
         ChannelData {
             id: ch.id.to_string(),
             name: ch.name.clone(),
