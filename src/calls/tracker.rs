@@ -33,6 +33,14 @@ use crate::ami::Message;
 /// arrive within milliseconds of the hangup).
 const RECENTLY_ENDED: usize = 2048;
 
+/// Conversations kept per call. Every snapshot carries all of them, so a queue call
+/// ringing many agents for hours must not grow without bound; further legs are
+/// still followed for the outcome but not listed.
+pub const MAX_CONVERSATIONS: usize = 200;
+/// Variables kept per call, and the longest value kept.
+const MAX_VARIABLES: usize = 64;
+const MAX_VARIABLE_LEN: usize = 1024;
+
 type Time = DateTime<Utc>;
 
 /// One Asterisk channel.
@@ -371,6 +379,10 @@ impl Tracker {
             return None;
         }
         let linkedid = if linkedid.is_empty() { id } else { linkedid };
+        // A straggler of a call that has ended must not start it again.
+        if self.ended.contains(linkedid) && !self.calls.contains_key(linkedid) {
+            return None;
+        }
         let get = |k: &str| -> &str {
             if prefix.is_empty() {
                 g(m, k)
@@ -600,9 +612,20 @@ impl Tracker {
         }
         let call = ch.call.clone();
         if let Some(c) = self.calls.get_mut(&*call) {
-            c.variables
-                .insert(var.to_string(), Value::String(g(m, "Value").to_string()));
             c.last_event = at;
+            if c.variables.len() >= MAX_VARIABLES && !c.variables.contains_key(var) {
+                return;
+            }
+            let mut value = g(m, "Value");
+            if value.len() > MAX_VARIABLE_LEN {
+                let mut end = MAX_VARIABLE_LEN;
+                while !value.is_char_boundary(end) {
+                    end -= 1;
+                }
+                value = &value[..end];
+            }
+            c.variables
+                .insert(var.to_string(), Value::String(value.to_string()));
         }
     }
 
@@ -674,6 +697,11 @@ impl Tracker {
             return;
         };
         if call.convs.iter().any(|c| c.id == dest) {
+            return;
+        }
+        if call.convs.len() >= MAX_CONVERSATIONS {
+            tracing::warn!(call_id = %call_id, channel = %dch.name,
+                "call has {MAX_CONVERSATIONS} conversations already; not listing more");
             return;
         }
         let caller_ch = caller.as_ref().and_then(|c| self.channels.get(c));
