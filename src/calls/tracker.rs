@@ -227,7 +227,7 @@ pub fn result_of_cause(cause: u16, answered: bool) -> u16 {
         1 => 404,
         3 | 28 => 484,
         17 => 486,
-        18 | 19 | 20 => 480,
+        18..=20 => 480,
         21 => 603,
         34 | 38 | 41 | 42 => 503,
         _ => 487,
@@ -310,19 +310,17 @@ impl Tracker {
                 c.in_queue = false;
                 c.queue_abandoned = true;
             }),
-            "BlindTransfer" | "AttendedTransfer" => {
-                if g(m, "Result") == "Success" {
-                    let id = m
-                        .get("TransfereeUniqueid")
-                        .or_else(|| m.get("TransfererUniqueid"))
-                        .or_else(|| m.get("OrigTransfererUniqueid"))
-                        .unwrap_or("");
-                    if let Some(call) = self.call_of(id) {
-                        if let Some(c) = self.calls.get_mut(&*call) {
-                            c.pending_via = Some("transfer");
-                            c.last_event = at;
-                        }
-                    }
+            "BlindTransfer" | "AttendedTransfer" if g(m, "Result") == "Success" => {
+                let id = m
+                    .get("TransfereeUniqueid")
+                    .or_else(|| m.get("TransfererUniqueid"))
+                    .or_else(|| m.get("OrigTransfererUniqueid"))
+                    .unwrap_or("");
+                if let Some(call) = self.call_of(id)
+                    && let Some(c) = self.calls.get_mut(&*call)
+                {
+                    c.pending_via = Some("transfer");
+                    c.last_event = at;
                 }
             }
             "MixMonitorStart" => {}
@@ -484,11 +482,11 @@ impl Tracker {
             if live {
                 old.live = old.live.saturating_sub(1);
             }
-            if let Some(conv) = old.conv_mut(id) {
-                if conv.ended.is_none() {
-                    moved = Some(conv.clone());
-                    conv.ended = Some(at);
-                }
+            if let Some(conv) = old.conv_mut(id)
+                && conv.ended.is_none()
+            {
+                moved = Some(conv.clone());
+                conv.ended = Some(at);
             }
         }
         if moved.is_some() {
@@ -634,10 +632,11 @@ impl Tracker {
             return;
         };
         self.track_linkedid(m, "", at, out);
-        if let Some(ch) = self.channels.get_mut(&id) {
-            if g(m, "ChannelStateDesc") == "Up" && ch.answer.is_none() {
-                ch.answer = Some(at);
-            }
+        if let Some(ch) = self.channels.get_mut(&id)
+            && g(m, "ChannelStateDesc") == "Up"
+            && ch.answer.is_none()
+        {
+            ch.answer = Some(at);
         }
     }
 
@@ -655,11 +654,11 @@ impl Tracker {
 
     fn on_queue(&mut self, m: &Message, at: Time, f: impl FnOnce(&mut Call, &str)) {
         let id = g(m, "Uniqueid");
-        if let Some(call) = self.call_of(id) {
-            if let Some(c) = self.calls.get_mut(&*call) {
-                f(c, g(m, "Queue"));
-                c.last_event = at;
-            }
+        if let Some(call) = self.call_of(id)
+            && let Some(c) = self.calls.get_mut(&*call)
+        {
+            f(c, g(m, "Queue"));
+            c.last_event = at;
         }
     }
 
@@ -668,11 +667,11 @@ impl Tracker {
             return;
         }
         let id = g(m, "Uniqueid");
-        if let Some(call) = self.call_of(id) {
-            if let Some(c) = self.calls.get_mut(&*call) {
-                c.originate_action_id = g(m, "ActionID").to_string();
-                c.last_event = at;
-            }
+        if let Some(call) = self.call_of(id)
+            && let Some(c) = self.calls.get_mut(&*call)
+        {
+            c.originate_action_id = g(m, "ActionID").to_string();
+            c.last_event = at;
         }
     }
 
@@ -856,10 +855,10 @@ impl Tracker {
             Kind::Internal => "employee",
             _ => return,
         };
-        if let Some(c) = self.calls.get_mut(&*ch.call) {
-            if c.hangup_by.is_empty() {
-                c.hangup_by = side;
-            }
+        if let Some(c) = self.calls.get_mut(&*ch.call)
+            && c.hangup_by.is_empty()
+        {
+            c.hangup_by = side;
         }
     }
 
@@ -898,14 +897,14 @@ impl Tracker {
         call.live = call.live.saturating_sub(1);
         call.last_event = at;
         let mut ended_conv = false;
-        if let Some(conv) = call.conv_mut(&id) {
-            if conv.ended.is_none() {
-                conv.ended = Some(at);
-                if conv.answered.is_none() && conv.dial_status.is_empty() {
-                    conv.result = result_of_cause(cause.unwrap_or(0), false);
-                }
-                ended_conv = true;
+        if let Some(conv) = call.conv_mut(&id)
+            && conv.ended.is_none()
+        {
+            conv.ended = Some(at);
+            if conv.answered.is_none() && conv.dial_status.is_empty() {
+                conv.result = result_of_cause(cause.unwrap_or(0), false);
             }
+            ended_conv = true;
         }
         if ended_conv {
             self.emit(&call_id, Stage::ConversationEnded, Some(&id), at, out);
@@ -929,12 +928,12 @@ impl Tracker {
             None => return,
         };
         for id in open {
-            if let Some(c) = self.calls.get_mut(call_id) {
-                if let Some(conv) = c.conv_mut(&id) {
-                    conv.ended = Some(at);
-                    if conv.answered.is_none() && conv.result == 0 {
-                        conv.result = 487;
-                    }
+            if let Some(c) = self.calls.get_mut(call_id)
+                && let Some(conv) = c.conv_mut(&id)
+            {
+                conv.ended = Some(at);
+                if conv.answered.is_none() && conv.result == 0 {
+                    conv.result = 487;
                 }
             }
             self.emit(call_id, Stage::ConversationEnded, Some(&id), at, out);
@@ -949,12 +948,12 @@ impl Tracker {
         }
         if let Some(call) = self.calls.remove(call_id) {
             for id in &call.channels {
-                if let Some(ch) = self.channels.get(id) {
-                    if &*ch.call == call_id {
-                        self.channels.remove(id);
-                        self.need_did.remove(id);
-                        self.remember_ended(id);
-                    }
+                if let Some(ch) = self.channels.get(id)
+                    && &*ch.call == call_id
+                {
+                    self.channels.remove(id);
+                    self.need_did.remove(id);
+                    self.remember_ended(id);
                 }
             }
         }
@@ -1118,10 +1117,11 @@ impl Tracker {
         } else if let Some(set) = self.resync.as_mut() {
             set.insert(id.into());
         }
-        if let Some(ch) = self.channels.get_mut(id) {
-            if g(m, "ChannelStateDesc") == "Up" && ch.answer.is_none() {
-                ch.answer = Some(at);
-            }
+        if let Some(ch) = self.channels.get_mut(id)
+            && g(m, "ChannelStateDesc") == "Up"
+            && ch.answer.is_none()
+        {
+            ch.answer = Some(at);
         }
     }
 
