@@ -524,7 +524,16 @@ fn s15_burst_of_20_concurrent_calls() {
         .collect();
     // caller suffix, linkedid, answered_by, result, conversations, wait s, talk s
     // (wait/talk for queue calls from the README table; None where it gives none).
-    let table: &[(&str, &str, &str, u16, usize, Option<u64>, Option<u64>)] = &[
+    type Row = (
+        &'static str,
+        &'static str,
+        &'static str,
+        u16,
+        usize,
+        Option<u64>,
+        Option<u64>,
+    );
+    let table: &[Row] = &[
         ("00", "1795305227.139", "101", 200, 2, Some(4), Some(7)),
         ("01", "1795305227.142", "102", 200, 2, None, None),
         ("02", "1795305227.145", "", 487, 0, Some(15), Some(0)),

@@ -542,3 +542,52 @@ fn times_follow_the_configured_offset() {
     assert_eq!(last.channel.end_time, kolokol::calls::UNSET_TIME);
     assert_eq!(last.active_conversation_id, "100.2");
 }
+
+#[test]
+fn a_queue_ringing_agents_for_hours_keeps_bounded_conversations() {
+    let mut r = Run::new();
+    let tr = trunk("100.1", "100.1");
+    r.at(0).newchannel(&tr, "Up");
+    r.feed(ev(
+        "QueueCallerJoin",
+        &[tr.fields("", "Up")],
+        &[("Queue", "sales")],
+    ));
+    let ids: Vec<&'static str> = (0..250)
+        .map(|i| &*Box::leak(format!("100.{}", i + 2).into_boxed_str()))
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let agent = phone("101", "PJSIP/101-00000002", id, "100.1");
+        r.at(i as i64 * 15).newchannel(&agent, "Down");
+        r.dial_begin(&tr, &agent, "PJSIP/101");
+        r.at(i as i64 * 15 + 14).dial_end(&tr, &agent, "NOANSWER");
+        r.hangup(&agent, "0");
+    }
+    r.feed(ev(
+        "QueueCallerAbandon",
+        &[tr.fields("", "Up")],
+        &[("Queue", "sales")],
+    ));
+    r.hangup(&tr, "16");
+    let c = r.ended()[0];
+    assert_eq!(
+        c.conversations.len(),
+        kolokol::calls::tracker::MAX_CONVERSATIONS
+    );
+    assert_eq!(c.result, 487, "abandoned in the queue");
+    assert_eq!(c.queue, "sales");
+    assert_eq!(r.t.channel_count(), 0);
+}
+
+#[test]
+fn stragglers_after_the_end_do_not_restart_a_call() {
+    let mut r = Run::new();
+    let (tr, p101) = answered_by_101(&mut r);
+    r.at(9).hangup(&p101, "16").hangup(&tr, "16");
+    assert_eq!(r.ended().len(), 1);
+    // A late snapshot of a channel never seen before, carrying the ended Linkedid.
+    let late = phone("102", "PJSIP/102-00000009", "100.9", "100.1");
+    r.at(10).newstate(&late, "Up").hangup(&late, "16");
+    assert_eq!(r.ended().len(), 1, "exactly one call_ended per call");
+    assert_eq!(r.t.call_count(), 0);
+}

@@ -156,9 +156,33 @@ pub struct ChannelData {
     pub was_answered: bool,
     /// True for the call's main channel (uniqueid = linkedid).
     pub is_primary: bool,
-    /// Asterisk details: `context`, `exten`, `endpoint`, `dial_status`,
-    /// `hangup_cause`, `hangup_cause_txt`.
-    pub extra: serde_json::Map<String, Value>,
+    /// Asterisk details of the channel.
+    pub extra: ChannelExtra,
+}
+
+/// Asterisk details of a channel (Itgrix's `extra`: more fields from the PBX).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct ChannelExtra {
+    /// Endpoint from the channel name (`101`, `trunk`, `101@from-queue` for Local).
+    pub endpoint: String,
+    /// Dialplan context the channel was created in.
+    pub context: String,
+    /// Extension: the DID on an inbound trunk channel; "" if only `s` was seen.
+    pub exten: String,
+    /// Caller ID number now (after dialplan rewrites).
+    pub caller_id_num: String,
+    /// Asterisk's DialStatus (conversation channels only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dial_status: Option<String>,
+    /// Q.850 hangup cause, once hung up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hangup_cause: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hangup_cause_txt: Option<String>,
+    /// Anything else (kept when a customization adds fields).
+    #[serde(flatten)]
+    pub rest: serde_json::Map<String, Value>,
 }
 
 impl Default for ChannelData {
@@ -176,7 +200,7 @@ impl Default for ChannelData {
             end_time: UNSET_TIME.into(),
             was_answered: false,
             is_primary: false,
-            extra: serde_json::Map::new(),
+            extra: ChannelExtra::default(),
         }
     }
 }

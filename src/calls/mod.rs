@@ -21,8 +21,8 @@ pub mod replay;
 pub mod tracker;
 
 pub use call_full::{
-    CallFull, ChannelData, Conversation, Conversations, Direction, Party, Stage, StageEvent,
-    UNSET_TIME, User,
+    CallFull, ChannelData, ChannelExtra, Conversation, Conversations, Direction, Party, Stage,
+    StageEvent, UNSET_TIME, User,
 };
 pub use config::{CallsConfig, CallsConfigError};
 pub use replay::{ReplayError, replay_bytes};

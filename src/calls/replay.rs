@@ -135,10 +135,10 @@ pub fn assign_times(msgs: &[(Message, Option<f64>)]) -> Vec<DateTime<Utc>> {
                         .then(|| uniqueid_epoch(m))
                         .flatten()
                 });
-                if let Some(h) = hint {
-                    if h > now {
-                        now = h;
-                    }
+                if let Some(h) = hint
+                    && h > now
+                {
+                    now = h;
                 }
                 now
             })

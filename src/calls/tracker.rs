@@ -18,19 +18,28 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use chrono::{DateTime, FixedOffset, Utc};
+use chrono::{DateTime, Datelike, FixedOffset, Timelike, Utc};
 use serde_json::Value;
 
 use super::call_full::{
-    CallFull, ChannelData, Conversation, Conversations, Direction, Party, Stage, StageEvent,
-    UNSET_TIME, User,
+    CallFull, ChannelData, ChannelExtra, Conversation, Conversations, Direction, Party, Stage,
+    StageEvent, UNSET_TIME, User,
 };
 use super::classify::{Classifier, Kind, local_exten, split_channel_name};
 use super::config::{CallsConfig, CallsConfigError, parse_offset};
 use crate::ami::Message;
 
-/// How many uniqueids of hung-up channels are remembered to ignore late events.
-const RECENTLY_ENDED: usize = 4096;
+/// How many uniqueids of hung-up channels are remembered to ignore late events (they
+/// arrive within milliseconds of the hangup).
+const RECENTLY_ENDED: usize = 2048;
+
+/// Conversations kept per call. Every snapshot carries all of them, so a queue call
+/// ringing many agents for hours must not grow without bound; further legs are
+/// still followed for the outcome but not listed.
+pub const MAX_CONVERSATIONS: usize = 200;
+/// Variables kept per call, and the longest value kept.
+const MAX_VARIABLES: usize = 64;
+const MAX_VARIABLE_LEN: usize = 1024;
 
 type Time = DateTime<Utc>;
 
@@ -170,6 +179,8 @@ pub struct Tracker {
     ended: HashSet<Box<str>>,
     ended_order: VecDeque<Box<str>>,
     resync: Option<HashSet<Box<str>>>,
+    /// Inbound trunk channels whose DID is not known yet (created with `Exten=s`).
+    need_did: HashSet<Box<str>>,
 }
 
 fn g<'a>(m: &'a Message, k: &str) -> &'a str {
@@ -216,7 +227,7 @@ pub fn result_of_cause(cause: u16, answered: bool) -> u16 {
         1 => 404,
         3 | 28 => 484,
         17 => 486,
-        18 | 19 | 20 => 480,
+        18..=20 => 480,
         21 => 603,
         34 | 38 | 41 | 42 => 503,
         _ => 487,
@@ -242,9 +253,12 @@ impl Tracker {
             keep_vars,
             channels: HashMap::new(),
             calls: HashMap::new(),
-            ended: HashSet::new(),
-            ended_order: VecDeque::new(),
+            // Twice the ring's size, so that insert/remove churn rehashes in place
+            // instead of growing the table: memory stays flat.
+            ended: HashSet::with_capacity(RECENTLY_ENDED * 2),
+            ended_order: VecDeque::with_capacity(RECENTLY_ENDED + 1),
             resync: None,
+            need_did: HashSet::new(),
         })
     }
 
@@ -296,22 +310,25 @@ impl Tracker {
                 c.in_queue = false;
                 c.queue_abandoned = true;
             }),
-            "BlindTransfer" | "AttendedTransfer" => {
-                if g(m, "Result") == "Success" {
-                    let id = m
-                        .get("TransfereeUniqueid")
-                        .or_else(|| m.get("TransfererUniqueid"))
-                        .or_else(|| m.get("OrigTransfererUniqueid"))
-                        .unwrap_or("");
-                    if let Some(call) = self.call_of(id) {
-                        if let Some(c) = self.calls.get_mut(&*call) {
-                            c.pending_via = Some("transfer");
-                            c.last_event = at;
-                        }
-                    }
+            "BlindTransfer" | "AttendedTransfer" if g(m, "Result") == "Success" => {
+                let id = m
+                    .get("TransfereeUniqueid")
+                    .or_else(|| m.get("TransfererUniqueid"))
+                    .or_else(|| m.get("OrigTransfererUniqueid"))
+                    .unwrap_or("");
+                if let Some(call) = self.call_of(id)
+                    && let Some(c) = self.calls.get_mut(&*call)
+                {
+                    c.pending_via = Some("transfer");
+                    c.last_event = at;
                 }
             }
             "MixMonitorStart" => {}
+            // The resync list can come through here too (see `begin_resync`).
+            "CoreShowChannel" if self.resync.is_some() => self.resync_channel(m, at),
+            "CoreShowChannelsComplete" if self.resync.is_some() => {
+                out.extend(self.end_resync(at));
+            }
             "OriginateResponse" => self.on_originate_response(m, at),
             "Pickup" => self.on_pickup(m, at),
             "ParkedCall" => self.on_parked(m, true, at),
@@ -360,6 +377,10 @@ impl Tracker {
             return None;
         }
         let linkedid = if linkedid.is_empty() { id } else { linkedid };
+        // A straggler of a call that has ended must not start it again.
+        if self.ended.contains(linkedid) && !self.calls.contains_key(linkedid) {
+            return None;
+        }
         let get = |k: &str| -> &str {
             if prefix.is_empty() {
                 g(m, k)
@@ -404,6 +425,13 @@ impl Tracker {
         call.channels.push(ch.id.clone());
         call.live += 1;
         call.last_event = at;
+        if ch.kind == Kind::Trunk && ch.exten.is_empty() && id == linkedid {
+            self.need_did.insert(ch.id.clone());
+        }
+        // A channel that appears while a resync runs is alive by definition.
+        if let Some(seen) = self.resync.as_mut() {
+            seen.insert(ch.id.clone());
+        }
         let id: Box<str> = ch.id.clone();
         self.channels.insert(id.clone(), ch);
         Some(id)
@@ -454,11 +482,11 @@ impl Tracker {
             if live {
                 old.live = old.live.saturating_sub(1);
             }
-            if let Some(conv) = old.conv_mut(id) {
-                if conv.ended.is_none() {
-                    moved = Some(conv.clone());
-                    conv.ended = Some(at);
-                }
+            if let Some(conv) = old.conv_mut(id)
+                && conv.ended.is_none()
+            {
+                moved = Some(conv.clone());
+                conv.ended = Some(at);
             }
         }
         if moved.is_some() {
@@ -511,16 +539,23 @@ impl Tracker {
     }
 
     fn on_newexten(&mut self, m: &Message) {
-        // Only needed to learn the DID of a trunk channel created with Exten=s.
-        let id = g(m, "Uniqueid");
-        if let Some(ch) = self.channels.get_mut(id) {
-            if ch.exten.is_empty() && ch.kind == Kind::Trunk && &*ch.call == id {
-                let e = g(m, "Exten");
-                if !e.is_empty() && e != "s" {
-                    ch.exten = e.to_string();
-                }
-            }
+        // Only needed to learn the DID of an inbound trunk channel created with
+        // Exten=s; Newexten is among the most frequent events, so skip it fast.
+        if self.need_did.is_empty() {
+            return;
         }
+        let id = g(m, "Uniqueid");
+        if !self.need_did.contains(id) {
+            return;
+        }
+        let e = g(m, "Exten");
+        if e.is_empty() || e == "s" {
+            return;
+        }
+        if let Some(ch) = self.channels.get_mut(id) {
+            ch.exten = e.to_string();
+        }
+        self.need_did.remove(id);
     }
 
     fn on_varset(&mut self, m: &Message, at: Time) {
@@ -575,9 +610,20 @@ impl Tracker {
         }
         let call = ch.call.clone();
         if let Some(c) = self.calls.get_mut(&*call) {
-            c.variables
-                .insert(var.to_string(), Value::String(g(m, "Value").to_string()));
             c.last_event = at;
+            if c.variables.len() >= MAX_VARIABLES && !c.variables.contains_key(var) {
+                return;
+            }
+            let mut value = g(m, "Value");
+            if value.len() > MAX_VARIABLE_LEN {
+                let mut end = MAX_VARIABLE_LEN;
+                while !value.is_char_boundary(end) {
+                    end -= 1;
+                }
+                value = &value[..end];
+            }
+            c.variables
+                .insert(var.to_string(), Value::String(value.to_string()));
         }
     }
 
@@ -586,10 +632,11 @@ impl Tracker {
             return;
         };
         self.track_linkedid(m, "", at, out);
-        if let Some(ch) = self.channels.get_mut(&id) {
-            if g(m, "ChannelStateDesc") == "Up" && ch.answer.is_none() {
-                ch.answer = Some(at);
-            }
+        if let Some(ch) = self.channels.get_mut(&id)
+            && g(m, "ChannelStateDesc") == "Up"
+            && ch.answer.is_none()
+        {
+            ch.answer = Some(at);
         }
     }
 
@@ -607,11 +654,11 @@ impl Tracker {
 
     fn on_queue(&mut self, m: &Message, at: Time, f: impl FnOnce(&mut Call, &str)) {
         let id = g(m, "Uniqueid");
-        if let Some(call) = self.call_of(id) {
-            if let Some(c) = self.calls.get_mut(&*call) {
-                f(c, g(m, "Queue"));
-                c.last_event = at;
-            }
+        if let Some(call) = self.call_of(id)
+            && let Some(c) = self.calls.get_mut(&*call)
+        {
+            f(c, g(m, "Queue"));
+            c.last_event = at;
         }
     }
 
@@ -620,11 +667,11 @@ impl Tracker {
             return;
         }
         let id = g(m, "Uniqueid");
-        if let Some(call) = self.call_of(id) {
-            if let Some(c) = self.calls.get_mut(&*call) {
-                c.originate_action_id = g(m, "ActionID").to_string();
-                c.last_event = at;
-            }
+        if let Some(call) = self.call_of(id)
+            && let Some(c) = self.calls.get_mut(&*call)
+        {
+            c.originate_action_id = g(m, "ActionID").to_string();
+            c.last_event = at;
         }
     }
 
@@ -649,6 +696,11 @@ impl Tracker {
             return;
         };
         if call.convs.iter().any(|c| c.id == dest) {
+            return;
+        }
+        if call.convs.len() >= MAX_CONVERSATIONS {
+            tracing::warn!(call_id = %call_id, channel = %dch.name,
+                "call has {MAX_CONVERSATIONS} conversations already; not listing more");
             return;
         }
         let caller_ch = caller.as_ref().and_then(|c| self.channels.get(c));
@@ -803,10 +855,10 @@ impl Tracker {
             Kind::Internal => "employee",
             _ => return,
         };
-        if let Some(c) = self.calls.get_mut(&*ch.call) {
-            if c.hangup_by.is_empty() {
-                c.hangup_by = side;
-            }
+        if let Some(c) = self.calls.get_mut(&*ch.call)
+            && c.hangup_by.is_empty()
+        {
+            c.hangup_by = side;
         }
     }
 
@@ -845,14 +897,14 @@ impl Tracker {
         call.live = call.live.saturating_sub(1);
         call.last_event = at;
         let mut ended_conv = false;
-        if let Some(conv) = call.conv_mut(&id) {
-            if conv.ended.is_none() {
-                conv.ended = Some(at);
-                if conv.answered.is_none() && conv.dial_status.is_empty() {
-                    conv.result = result_of_cause(cause.unwrap_or(0), false);
-                }
-                ended_conv = true;
+        if let Some(conv) = call.conv_mut(&id)
+            && conv.ended.is_none()
+        {
+            conv.ended = Some(at);
+            if conv.answered.is_none() && conv.dial_status.is_empty() {
+                conv.result = result_of_cause(cause.unwrap_or(0), false);
             }
+            ended_conv = true;
         }
         if ended_conv {
             self.emit(&call_id, Stage::ConversationEnded, Some(&id), at, out);
@@ -876,12 +928,12 @@ impl Tracker {
             None => return,
         };
         for id in open {
-            if let Some(c) = self.calls.get_mut(call_id) {
-                if let Some(conv) = c.conv_mut(&id) {
-                    conv.ended = Some(at);
-                    if conv.answered.is_none() && conv.result == 0 {
-                        conv.result = 487;
-                    }
+            if let Some(c) = self.calls.get_mut(call_id)
+                && let Some(conv) = c.conv_mut(&id)
+            {
+                conv.ended = Some(at);
+                if conv.answered.is_none() && conv.result == 0 {
+                    conv.result = 487;
                 }
             }
             self.emit(call_id, Stage::ConversationEnded, Some(&id), at, out);
@@ -896,11 +948,12 @@ impl Tracker {
         }
         if let Some(call) = self.calls.remove(call_id) {
             for id in &call.channels {
-                if let Some(ch) = self.channels.get(id) {
-                    if &*ch.call == call_id {
-                        self.channels.remove(id);
-                        self.remember_ended(id);
-                    }
+                if let Some(ch) = self.channels.get(id)
+                    && &*ch.call == call_id
+                {
+                    self.channels.remove(id);
+                    self.need_did.remove(id);
+                    self.remember_ended(id);
                 }
             }
         }
@@ -1023,7 +1076,11 @@ impl Tracker {
 
     // ---- resync after an AMI reconnect ----
 
-    /// Start rebuilding from `CoreShowChannels` after an AMI reconnect.
+    /// Start rebuilding from `CoreShowChannels` after an AMI reconnect: call this,
+    /// send the action, then pass its `CoreShowChannel` events to
+    /// [`Tracker::resync_channel`] and finish with [`Tracker::end_resync`] (or simply
+    /// feed everything to [`Tracker::handle`], which does both while a resync runs).
+    /// Ordinary events may interleave: channels they create count as alive.
     pub fn begin_resync(&mut self) {
         self.resync = Some(HashSet::new());
     }
@@ -1060,10 +1117,11 @@ impl Tracker {
         } else if let Some(set) = self.resync.as_mut() {
             set.insert(id.into());
         }
-        if let Some(ch) = self.channels.get_mut(id) {
-            if g(m, "ChannelStateDesc") == "Up" && ch.answer.is_none() {
-                ch.answer = Some(at);
-            }
+        if let Some(ch) = self.channels.get_mut(id)
+            && g(m, "ChannelStateDesc") == "Up"
+            && ch.answer.is_none()
+        {
+            ch.answer = Some(at);
         }
     }
 
@@ -1350,14 +1408,39 @@ impl Tracker {
         }
     }
 
+    /// `YYYY-MM-DD HH:MM:SS` at the configured offset. Written by hand: this runs
+    /// for every time of every channel of every snapshot, and strftime parsing its
+    /// pattern each time was a visible share of the tracker's cost.
     fn fmt_time(&self, t: Option<Time>) -> String {
-        match t {
-            Some(t) => t
-                .with_timezone(&self.offset)
-                .format("%Y-%m-%d %H:%M:%S")
-                .to_string(),
-            None => UNSET_TIME.to_string(),
+        let Some(t) = t else {
+            return UNSET_TIME.to_string();
+        };
+        let l = t.with_timezone(&self.offset).naive_local();
+        let (y, mo, d) = (l.year(), l.month(), l.day());
+        let (h, mi, se) = (l.hour(), l.minute(), l.second());
+        if !(0..=9999).contains(&y) {
+            return UNSET_TIME.to_string();
         }
+        let mut b = [0u8; 19];
+        let put = |b: &mut [u8], at: usize, v: u32, w: usize| {
+            let mut v = v;
+            for i in (0..w).rev() {
+                b[at + i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(&mut b, 0, y as u32, 4);
+        b[4] = b'-';
+        put(&mut b, 5, mo, 2);
+        b[7] = b'-';
+        put(&mut b, 8, d, 2);
+        b[10] = b' ';
+        put(&mut b, 11, h, 2);
+        b[13] = b':';
+        put(&mut b, 14, mi, 2);
+        b[16] = b':';
+        put(&mut b, 17, se, 2);
+        String::from_utf8_lossy(&b).into_owned()
     }
 
     fn channel_data(
@@ -1426,24 +1509,16 @@ impl Tracker {
             "ringing"
         };
         let end = ch.end.or(conv.and_then(|c| c.ended));
-        let mut extra = serde_json::Map::new();
-        extra.insert("endpoint".into(), Value::String(ch.endpoint.clone()));
-        extra.insert("context".into(), Value::String(ch.context.clone()));
-        extra.insert("exten".into(), Value::String(ch.exten.clone()));
-        extra.insert(
-            "caller_id_num".into(),
-            Value::String(ch.cur_caller_num.clone()),
-        );
-        if let Some(c) = conv {
-            extra.insert("dial_status".into(), Value::String(c.dial_status.clone()));
-        }
-        if let Some(cause) = ch.hangup_cause {
-            extra.insert("hangup_cause".into(), Value::from(cause));
-            extra.insert(
-                "hangup_cause_txt".into(),
-                Value::String(ch.hangup_cause_txt.clone()),
-            );
-        }
+        let extra = ChannelExtra {
+            endpoint: ch.endpoint.clone(),
+            context: ch.context.clone(),
+            exten: ch.exten.clone(),
+            caller_id_num: ch.cur_caller_num.clone(),
+            dial_status: conv.map(|c| c.dial_status.clone()),
+            hangup_cause: ch.hangup_cause,
+            hangup_cause_txt: ch.hangup_cause.map(|_| ch.hangup_cause_txt.clone()),
+            rest: serde_json::Map::new(),
+        };
         ChannelData {
             id: ch.id.to_string(),
             name: ch.name.clone(),
