@@ -139,10 +139,10 @@ fn internal_numbers(call: &CallFull) -> Vec<String> {
     }
     if let Some(convs) = call.extra.get("conversations").and_then(Value::as_object) {
         for conv in convs.values() {
-            if let Some(ch) = conv.get("channel").and_then(Value::as_object) {
-                if call.direction == Direction::Outbound {
-                    push(ch.get("from"));
-                }
+            if call.direction == Direction::Outbound
+                && let Some(ch) = conv.get("channel").and_then(Value::as_object)
+            {
+                push(ch.get("from"));
             }
             push(conv.get("user"));
         }
@@ -902,6 +902,7 @@ impl KommoConnector {
 
     /// `process_contact_update_params` / `process_lead_update_params` for a client
     /// that existed before the call.
+    #[allow(clippy::too_many_arguments)]
     async fn update_step(
         &self,
         call: &CallFull,
@@ -1055,7 +1056,6 @@ impl KommoConnector {
         Ok(None)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn task_step(
         &self,
         call: &CallFull,

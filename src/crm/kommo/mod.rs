@@ -145,3 +145,51 @@ impl KommoConfig {
             .map(|(ext, _)| ext.as_str())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::path::Path;
+    use std::time::Duration;
+
+    #[test]
+    fn full_section_parses() {
+        let text = r#"
+[kommo]
+base_url = "https://example.kommo.com"
+client_id = "id"
+client_secret = "secret"
+redirect_uri = "https://pbx.example.com/kommo/oauth"
+rate_limit = 5
+request_timeout = "10s"
+task_deadline = "2h"
+unsorted = true
+lead_pipeline_id = 7001
+lead_status_id = 70012
+default_responsible_user_id = 5001
+tags = ["pbx"]
+ignore_trunks = ["74950000000"]
+
+[kommo.phone]
+country_code = "49"
+trunk_prefix = "0"
+national_length = 10
+
+[kommo.users]
+"101" = 5002
+"#;
+        let cfg = Config::from_toml(text, Path::new("t.toml")).unwrap();
+        let k = cfg.kommo.unwrap();
+        assert_eq!(k.rate_limit, 5.0);
+        assert_eq!(k.task_deadline, Duration::from_secs(7200));
+        assert_eq!(k.phone.country_code, "49");
+        assert_eq!(k.phone.international_prefixes, vec!["810", "00"]);
+        assert_eq!(k.users.get("101"), Some(&5002));
+        assert_eq!(k.extension_of(5002), Some("101"));
+        assert!(k.create_contact && k.create_tasks && k.unsorted);
+
+        let bad = "[kommo]\nbase_url = \"x\"\ncreate_contacts = true\n";
+        let err = Config::from_toml(bad, Path::new("t.toml")).unwrap_err();
+        assert!(err.to_string().contains("create_contacts"), "{err}");
+    }
+}
