@@ -78,6 +78,7 @@ fn inbound_answered(id: &str) -> CallFull {
         duration: 26,
         talk_duration: 20,
         extra,
+        ..Default::default()
     }
 }
 

@@ -148,3 +148,47 @@ impl JobSteps for MemoryJobSteps {
         Ok(())
     }
 }
+
+/// `call_full` as flat JSON for connectors: every field (typed or extra) by its
+/// documented name, with parties (`user`, channel `from`/`to`/`trunk`) reduced to
+/// their number. Connectors read conversations and channels through this, so they work
+/// the same on tracker snapshots and on snapshots a customization or test built by hand.
+pub fn call_view(call: &CallFull) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::Value;
+    fn number_of(v: &mut Value) {
+        if let Value::Object(o) = v {
+            if let Some(n) = o.get("number").cloned() {
+                *v = n;
+            }
+        }
+    }
+    fn flatten_channel(ch: &mut Value) {
+        if let Value::Object(o) = ch {
+            for k in ["from", "to", "trunk"] {
+                if let Some(p) = o.get_mut(k) {
+                    number_of(p);
+                }
+            }
+        }
+    }
+    let mut view = match serde_json::to_value(call) {
+        Ok(Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    if let Some(ch) = view.get_mut("channel") {
+        flatten_channel(ch);
+    }
+    if let Some(Value::Object(convs)) = view.get_mut("conversations") {
+        for conv in convs.values_mut() {
+            if let Value::Object(c) = conv {
+                if let Some(u) = c.get_mut("user") {
+                    number_of(u);
+                }
+                if let Some(ch) = c.get_mut("channel") {
+                    flatten_channel(ch);
+                }
+            }
+        }
+    }
+    view
+}

@@ -8,7 +8,7 @@
 
 pub mod crms;
 pub mod outbox_worker;
-mod pipeline;
+pub(crate) mod pipeline;
 pub mod systemd;
 mod tracking;
 mod web;

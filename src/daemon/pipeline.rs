@@ -6,7 +6,9 @@
 //! loses nothing. Conversion to mp3 then runs in the background: the link serves the
 //! original until the mp3 is ready, the mp3 afterwards.
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -18,6 +20,20 @@ use crate::hooks::{Customize, HookOutcome};
 use crate::metrics::Registry;
 use crate::records::{Recordings, catalog};
 use crate::store::Store;
+
+/// What the tracker task hands the pipeline.
+#[derive(Debug)]
+pub(crate) enum PipelineMsg {
+    Stage(StageEvent),
+    /// A resync with Asterisk finished; these calls are live now.
+    Resynced { live: HashSet<String> },
+}
+
+/// Where the last snapshot of every unfinished call is kept (in the `caches` table), so
+/// that a call whose end kolokol missed while it was down is still registered.
+const LIVE_KIND: &str = "live_call";
+/// A call cannot run longer than this; older snapshots expire.
+const LIVE_TTL: Duration = Duration::from_secs(2 * 24 * 3600);
 
 pub(crate) struct Pipeline {
     pub store: Store,
@@ -34,13 +50,16 @@ pub(crate) struct Pipeline {
 impl Pipeline {
     /// Drain stage events until the tracker closes the channel, then wait for the
     /// background conversions still running.
-    pub(crate) async fn run(self, mut stages: mpsc::Receiver<StageEvent>) {
+    pub(crate) async fn run(self, mut stages: mpsc::Receiver<PipelineMsg>) {
         let mut conversions = JoinSet::new();
-        while let Some(mut ev) = stages.recv().await {
-            if ev.stage == Stage::CallEnded {
-                self.prepare_records(&mut ev, &mut conversions).await;
+        while let Some(msg) = stages.recv().await {
+            match msg {
+                PipelineMsg::Stage(ev) => self.stage(ev, &mut conversions).await,
+                PipelineMsg::Resynced { live } => {
+                    self.end_calls_missed_while_down(&live, &mut conversions)
+                        .await
+                }
             }
-            self.enqueue(&ev).await;
             while conversions.try_join_next().is_some() {}
         }
         if !conversions.is_empty() {
@@ -51,6 +70,61 @@ impl Pipeline {
         }
         while conversions.join_next().await.is_some() {}
         tracing::info!("pipeline stopped");
+    }
+
+    async fn stage(&self, mut ev: StageEvent, conversions: &mut JoinSet<()>) {
+        if ev.stage == Stage::CallEnded {
+            self.prepare_records(&mut ev, conversions).await;
+        }
+        self.enqueue(&ev).await;
+        // Remember where each unfinished call stands (after its jobs are durable: a
+        // crash in between at worst ends the call again, which the outbox's
+        // idempotency keys absorb).
+        let id = ev.call_full.id.clone();
+        let result = if ev.stage == Stage::CallEnded {
+            self.store.cache_delete(LIVE_KIND, &id).await
+        } else {
+            match serde_json::to_value(&ev) {
+                Ok(v) => self.store.cache_put(LIVE_KIND, &id, &v, LIVE_TTL).await,
+                Err(_) => Ok(()),
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(call_id = %id, error = %e, "cannot save the live call snapshot");
+        }
+    }
+
+    /// After a (re)connect: calls we had seen that Asterisk no longer has ended while
+    /// kolokol was down or disconnected. Register them with what is known.
+    async fn end_calls_missed_while_down(
+        &self,
+        live: &HashSet<String>,
+        conversions: &mut JoinSet<()>,
+    ) {
+        let saved = match self.store.cache_list(LIVE_KIND).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read saved live calls");
+                return;
+            }
+        };
+        for (id, value) in saved {
+            if live.contains(&id) {
+                continue;
+            }
+            let Ok(mut ev) = serde_json::from_value::<StageEvent>(value) else {
+                let _ = self.store.cache_delete(LIVE_KIND, &id).await;
+                continue;
+            };
+            tracing::warn!(call_id = %id, last_stage = ev.stage.as_str(),
+                "call ended while kolokol was not connected; registering it with what is known");
+            ev.stage = Stage::CallEnded;
+            ev.conversation_id = None;
+            ev.call_full
+                .extra
+                .insert("ended_unobserved".into(), Value::Bool(true));
+            self.stage(ev, conversions).await;
+        }
     }
 
     async fn enqueue(&self, ev: &StageEvent) {

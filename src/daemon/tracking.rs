@@ -12,7 +12,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::ami::{AmiEvent, AmiHandle, Message};
-use crate::calls::{LiveCall, StageEvent, Tracker};
+use crate::calls::{LiveCall, Tracker};
+
+use super::pipeline::PipelineMsg;
 use crate::metrics::Registry;
 
 /// What the rest of the daemon can see of the tracker.
@@ -31,7 +33,7 @@ pub(crate) async fn run(
     mut tracker: Tracker,
     mut ami_events: mpsc::Receiver<AmiEvent>,
     ami: AmiHandle,
-    stages: mpsc::Sender<StageEvent>,
+    stages: mpsc::Sender<PipelineMsg>,
     view: Arc<TrackerView>,
     metrics: Registry,
     cancel: CancellationToken,
@@ -76,6 +78,13 @@ pub(crate) async fn run(
                 let ended = tracker.end_resync(now);
                 tracing::info!(channels = channels.len(), ended_while_away = ended.iter().filter(|e| e.stage == crate::calls::Stage::CallEnded).count(), "resync done");
                 out.extend(ended);
+                let live = tracker.live_calls().into_iter().map(|c| c.id).collect();
+                for ev in out.drain(..) {
+                    if stages.send(PipelineMsg::Stage(ev)).await.is_err() {
+                        tracing::error!("pipeline stopped; stage event dropped");
+                    }
+                }
+                let _ = stages.send(PipelineMsg::Resynced { live }).await;
             }
             _ = reap.tick() => {
                 let reaped = tracker.reap(Utc::now());
@@ -108,7 +117,7 @@ pub(crate) async fn run(
                     &[("stage", ev.stage.as_str())],
                 )
                 .inc();
-            if stages.send(ev).await.is_err() {
+            if stages.send(PipelineMsg::Stage(ev)).await.is_err() {
                 tracing::error!("pipeline stopped; stage event dropped");
             }
         }

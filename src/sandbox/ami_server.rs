@@ -433,6 +433,11 @@ struct Inner {
     next_session: AtomicU64,
     logged_in_tx: watch::Sender<usize>,
     frozen: AtomicBool,
+    /// Replays wait while nobody is logged in (see [`FakeAmi::hold_when_alone`]).
+    hold: AtomicBool,
+    /// The PBX's live channels: everything pushed, whoever was connected (what a
+    /// client that reconnects finds with CoreShowChannels).
+    pbx_channels: Mutex<Channels>,
     actions_log: Mutex<Vec<Message>>,
     actions_tx: broadcast::Sender<Message>,
     ids: IdRewriter,
@@ -461,6 +466,8 @@ impl FakeAmi {
             next_session: AtomicU64::new(1),
             logged_in_tx,
             frozen: AtomicBool::new(false),
+            hold: AtomicBool::new(false),
+            pbx_channels: Mutex::new(Channels::new()),
             actions_log: Mutex::new(Vec::new()),
             actions_tx,
             ids: IdRewriter::new(),
@@ -501,6 +508,7 @@ impl FakeAmi {
     /// session with events on. Returns how many sessions got them.
     pub fn push_bytes(&self, bytes: impl Into<Bytes>) -> usize {
         let bytes = bytes.into();
+        lock(&self.inner.pbx_channels).feed(&bytes);
         let sessions = lock(&self.inner.sessions);
         let mut n = 0;
         for s in sessions.values() {
@@ -530,10 +538,28 @@ impl FakeAmi {
             .flat_map(|c| c.bytes.iter().copied())
             .collect();
         before(&all);
+        let mut late = Duration::ZERO;
         for chunk in chunks {
+            // With `hold_when_alone`, what happens while the client is away waits for it
+            // (and the rest of the replay shifts by the time spent waiting).
+            while self.inner.hold.load(Ordering::Relaxed) && self.logged_in() == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                late += Duration::from_millis(5);
+            }
+            let chunk = Chunk {
+                at: chunk.at + late,
+                bytes: chunk.bytes,
+            };
             tokio::time::sleep_until(start + chunk.at).await;
             self.push_bytes(chunk.bytes);
         }
+    }
+
+    /// Make replays wait while no client is logged in, instead of sending into the void:
+    /// lets a test kill and restart its client at random points and still expect every
+    /// call to be seen (as far as what was sent before the kill was processed).
+    pub fn hold_when_alone(&self, on: bool) {
+        self.inner.hold.store(on, Ordering::Relaxed);
     }
 
     /// Close every connection at once (after what was already queued for it), like
@@ -601,7 +627,7 @@ impl Inner {
     }
 }
 
-/// Live channels as this connection saw them in the events sent to it.
+/// Live channels, from the events pushed through the server.
 #[derive(Default)]
 struct Channels {
     decoder: AmiCodec,
@@ -917,7 +943,7 @@ async fn session(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr) {
                         let name = m.get("Action").unwrap_or(a);
                         security_event(&mut out, "RequestNotAllowed", &u.username, local, peer, &format!("Action: {name}"));
                     }
-                    ("coreshowchannels", Some(_)) => out = channels.core_show_channels(aid),
+                    ("coreshowchannels", Some(_)) => out = lock(&inner.pbx_channels).core_show_channels(aid),
                     ("command", Some(_)) => {
                         let cmd = m.get("Command").unwrap_or("");
                         let output = if cmd.trim() == "core show version" {

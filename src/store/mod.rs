@@ -12,6 +12,7 @@
 //! [`Store::drop_job`]. A crash between delivery and `mark_done` redelivers the job, and
 //! the connector skips the steps it recorded through [`StoreJobSteps`].
 
+mod cache_more;
 mod data;
 mod outbox;
 mod schema;

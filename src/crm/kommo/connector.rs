@@ -120,6 +120,7 @@ fn as_id(v: Option<&Value>) -> Option<i64> {
 
 /// Internal numbers in `call_full`'s conversations, in the order they rang.
 fn internal_numbers(call: &CallFull) -> Vec<String> {
+    let view = crate::crm::call_view(call);
     let mut out: Vec<String> = Vec::new();
     let mut push = |v: Option<&Value>| {
         let s = match v {
@@ -133,11 +134,11 @@ fn internal_numbers(call: &CallFull) -> Vec<String> {
         }
     };
     if call.direction == Direction::Outbound
-        && let Some(ch) = call.extra.get("channel").and_then(Value::as_object)
+        && let Some(ch) = view.get("channel").and_then(Value::as_object)
     {
         push(ch.get("from"));
     }
-    if let Some(convs) = call.extra.get("conversations").and_then(Value::as_object) {
+    if let Some(convs) = view.get("conversations").and_then(Value::as_object) {
         for conv in convs.values() {
             if call.direction == Direction::Outbound
                 && let Some(ch) = conv.get("channel").and_then(Value::as_object)
@@ -155,6 +156,7 @@ fn internal_numbers(call: &CallFull) -> Vec<String> {
 
 /// Trunks / lines the call went through.
 fn trunks(call: &CallFull) -> Vec<String> {
+    let view = crate::crm::call_view(call);
     let mut out = Vec::new();
     if !call.line_number.is_empty() {
         out.push(call.line_number.clone());
@@ -167,11 +169,11 @@ fn trunks(call: &CallFull) -> Vec<String> {
             out.push(s.to_string());
         }
     };
-    add(call.extra.get("trunk"));
-    if let Some(ch) = call.extra.get("channel") {
+    add(view.get("trunk"));
+    if let Some(ch) = view.get("channel") {
         add(ch.get("trunk"));
     }
-    if let Some(convs) = call.extra.get("conversations").and_then(Value::as_object) {
+    if let Some(convs) = view.get("conversations").and_then(Value::as_object) {
         for conv in convs.values() {
             if let Some(ch) = conv.get("channel") {
                 add(ch.get("trunk"));
@@ -222,15 +224,16 @@ fn local_time(v: Option<&Value>) -> Option<i64> {
 /// if the tracker gave one, else the earliest channel `start_time`, else the end of
 /// the call minus its duration.
 fn started_at(call: &CallFull) -> i64 {
+    let view = crate::crm::call_view(call);
     if let Some(t) = ["created_at", "start_timestamp"]
         .iter()
-        .find_map(|k| call.extra.get(*k).and_then(Value::as_i64))
+        .find_map(|k| view.get(*k).and_then(Value::as_i64))
     {
         return t;
     }
     let mut earliest: Option<i64> =
-        local_time(call.extra.get("channel").and_then(|c| c.get("start_time")));
-    if let Some(convs) = call.extra.get("conversations").and_then(Value::as_object) {
+        local_time(view.get("channel").and_then(|c| c.get("start_time")));
+    if let Some(convs) = view.get("conversations").and_then(Value::as_object) {
         for conv in convs.values() {
             if let Some(t) = local_time(conv.get("channel").and_then(|c| c.get("start_time"))) {
                 earliest = Some(earliest.map_or(t, |e| e.min(t)));
