@@ -101,17 +101,18 @@ print(f"peer: {lame_ver}")
 print(f"load average before start: {os.getloadavg()[0]:.1f} (other work on the machine skews 'cores used')")
 
 # One file, alternating so both see the same machine load; median of the runs.
-k_wall, l_wall, k_rss, l_rss = [], [], [], []
+k_wall, l_wall, k_rss, l_rss, k_cpu, l_cpu = [], [], [], [], [], []
 for _ in range(runs):
-    w, r = run([kolokol_cmd(0)]); k_wall.append(w); k_rss.append(r[0][1])
-    w, r = run([lame_cmd(0)]); l_wall.append(w); l_rss.append(r[0][1])
+    w, r = run([kolokol_cmd(0)]); k_wall.append(w); k_rss.append(r[0][1]); k_cpu.append(r[0][0])
+    w, r = run([lame_cmd(0)]); l_wall.append(w); l_rss.append(r[0][1]); l_cpu.append(r[0][0])
 kw, lw = statistics.median(k_wall), statistics.median(l_wall)
+kc, lc = statistics.median(k_cpu), statistics.median(l_cpu)
 ksz, lsz = os.path.getsize(os.path.join(work, "k0.mp3")), os.path.getsize(os.path.join(work, "l0.mp3"))
 print()
-print("one 60-minute file       wall (median)   x real time   peak RSS    mp3 size")
-print(f"  kolokol convert        {kw:8.2f} s   {audio_s/kw:10.0f}x   {max(k_rss)/1024:6.1f} MB   {ksz/1e6:6.2f} MB")
-print(f"  lame                   {lw:8.2f} s   {audio_s/lw:10.0f}x   {max(l_rss)/1024:6.1f} MB   {lsz/1e6:6.2f} MB")
-print(f"  wall-time ratio kolokol/lame: {kw/lw:.2f} (goal <= 1.0); kolokol peak RSS {max(k_rss)/1024:.1f} MB (goal <= 32 MB)")
+print(f"one 60-minute file ({runs} runs, alternating)   wall (median)   CPU (median)   x real time   peak RSS    mp3 size")
+print(f"  kolokol convert                       {kw:8.2f} s     {kc:8.2f} s   {audio_s/kw:10.0f}x   {max(k_rss)/1024:6.1f} MB   {ksz/1e6:6.2f} MB")
+print(f"  lame                                  {lw:8.2f} s     {lc:8.2f} s   {audio_s/lw:10.0f}x   {max(l_rss)/1024:6.1f} MB   {lsz/1e6:6.2f} MB")
+print(f"  wall-time ratio kolokol/lame: {kw/lw:.2f}, CPU-time ratio {kc/lc:.2f} (goal <= 1.0); kolokol peak RSS {max(k_rss)/1024:.1f} MB (goal <= 32 MB)")
 
 # Eight files at once.
 print()
