@@ -216,7 +216,12 @@ async fn waits_until_asterisk_stops_writing() {
             f.flush().await.unwrap();
         }
     });
-    let rec = Recordings::new(&e.cfg, &e.state, "http://x").unwrap();
+    // Settle is 8x the write interval so a loaded CI machine cannot fake a pause.
+    let cfg = RecordsConfig {
+        settle: Duration::from_millis(400),
+        ..e.cfg.clone()
+    };
+    let rec = Recordings::new(&cfg, &e.state, "http://x").unwrap();
     let out = rec.finish("1795304861.0", IN_NAME).await.unwrap();
     assert!(writer.is_finished(), "finished before the writer did");
     assert!(out.converted, "{out:?}");
@@ -226,7 +231,8 @@ async fn waits_until_asterisk_stops_writing() {
 
     // A file that never stops growing is given up on at wait_max.
     let cfg = RecordsConfig {
-        wait_max: Duration::from_millis(400),
+        settle: Duration::from_millis(400),
+        wait_max: Duration::from_millis(1000),
         ..e.cfg.clone()
     };
     let rec = Recordings::new(&cfg, &e.state, "http://x").unwrap();

@@ -195,11 +195,14 @@ async fn serve(
 
     let mut builder = Response::builder()
         .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::CACHE_CONTROL, "private, max-age=3600")
-        .header(
+        .header(header::CACHE_CONTROL, "private, max-age=3600");
+    // Another catalog may accept ids with characters that do not belong in a header.
+    if catalog::valid_id(&id) {
+        builder = builder.header(
             header::CONTENT_DISPOSITION,
             format!("inline; filename=\"{id}.{served}\""),
         );
+    }
     let (status, first, count) = match range {
         ByteRange::Full => (StatusCode::OK, 0, len),
         ByteRange::Part(a, b) => {

@@ -331,3 +331,57 @@ impl Recordings {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_section_parses_every_key() {
+        let cfg: RecordsConfig = toml::from_str(
+            r#"
+            dir = "/mnt/monitor"
+            pbx_dir = "/var/spool/asterisk/monitor"
+            store_dir = "/srv/kolokol/records"
+            link_secret = "0123456789abcdef0123"
+            link_ttl = "90d"
+            convert = true
+            bitrate_kbps = 24
+            quality = 7
+            sample_rate = 8000
+            downmix = false
+            keep_wav = false
+            convert_timeout = "15s"
+            max_concurrent = 1
+            max_queued = 10
+            max_file_mb = 200
+            settle = "500ms"
+            appear_timeout = "2s"
+            wait_max = "1m"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.link_ttl, Some(Duration::from_secs(90 * 86400)));
+        assert_eq!(cfg.convert_timeout, Duration::from_secs(15));
+        assert_eq!(cfg.settle, Duration::from_millis(500));
+        assert_eq!(
+            cfg.store_dir(Path::new("/var/lib/kolokol")),
+            PathBuf::from("/srv/kolokol/records")
+        );
+        assert!(ConvertSettings::from_config(&cfg).is_ok());
+
+        let d = RecordsConfig::default();
+        assert_eq!(
+            d.store_dir(Path::new("/var/lib/kolokol")),
+            PathBuf::from("/var/lib/kolokol/records")
+        );
+        assert!(ConvertSettings::from_config(&d).is_ok());
+        assert!(
+            toml::from_str::<RecordsConfig>("bitrate = 32").is_err(),
+            "unknown keys refused"
+        );
+        let bad: RecordsConfig = toml::from_str("bitrate_kbps = 100").unwrap();
+        assert!(ConvertSettings::from_config(&bad).is_err());
+        assert!(Converter::new(&bad).is_err());
+    }
+}
