@@ -710,3 +710,26 @@ async fn burst_of_20_concurrent_calls_15_stays_under_the_portal_limit() {
     }
     assert_eq!(answered, 9);
 }
+
+#[tokio::test]
+async fn outbound_noanswer_09_registered_for_the_dialler() {
+    let h = harness(|c, _| c.crm_create = false).await;
+    // Only the call's first channel names the employee (the client leg never rang
+    // at an employee).
+    let mut c = call("1795304966.24", Direction::Outbound, CLIENT, "74951234567");
+    c.extra.insert(
+        "channel".into(),
+        json!({"from": "101", "to": CLIENT, "type": "outgoing"}),
+    );
+    ended(&mut c, "", 480, 0, 30);
+    h.deliver(Stage::CallEnded, None, &c).await.unwrap();
+    let s = h.sb.snapshot();
+    let call = s.call_by_external("1795304966.24").unwrap();
+    assert_eq!((call.call_type, call.user_id), (1, 11));
+    let fin = call.finish.as_ref().unwrap();
+    assert_eq!(
+        (fin["STATUS_CODE"].clone(), fin["USER_ID"].clone()),
+        (json!("480"), json!(11))
+    );
+    assert!(s.created_leads().is_empty());
+}

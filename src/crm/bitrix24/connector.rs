@@ -1268,6 +1268,22 @@ fn conversation_answered(call: &CallFull, conversation_id: &str) -> Option<bool>
 /// Every employee that appears in the call's conversations, in order.
 fn all_employees(call: &CallFull) -> Vec<String> {
     let mut out = Vec::new();
+    if call.direction == Direction::Outbound {
+        // The employee who dialled: `employee`/`user`, else the first channel's `from`.
+        let dialler = ["employee", "user"]
+            .iter()
+            .find_map(|k| call.extra.get(*k).and_then(Value::as_str))
+            .or_else(|| {
+                call.extra
+                    .get("channel")
+                    .and_then(|c| c.get("from"))
+                    .and_then(Value::as_str)
+            })
+            .filter(|s| !s.is_empty());
+        if let Some(d) = dialler {
+            out.push(d.to_string());
+        }
+    }
     if let Some(Value::Object(convs)) = call.extra.get("conversations") {
         for id in convs.keys() {
             if let Some(e) = conversation_employee(call, id)
