@@ -595,3 +595,52 @@ async fn daemon_wiring_polls_offline_events_until_stopped() {
     assert_eq!(s.bound_events.len(), 1);
     assert_eq!(s.bound_events[0]["event_type"], "offline");
 }
+
+#[tokio::test]
+async fn unreachable_portal_is_retryable_and_never_leaks_the_webhook_secret() {
+    // A port nothing listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let h = harness(move |c, _| {
+        c.webhook_url = Some(format!("http://127.0.0.1:{port}/rest/1/supersecret42/"));
+        c.max_retries = 1;
+    })
+    .await;
+    let e = h.b24.check_access().await.unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("scope") && text.contains("connection failed"),
+        "{text}"
+    );
+    assert!(!text.contains("supersecret42"), "{text}");
+    assert!(matches!(e.into_crm(), CrmError::Retryable { .. }));
+}
+
+#[tokio::test]
+async fn oversized_or_foreign_events_are_refused_or_ignored() {
+    let h = harness(|_, _| {}).await;
+    let (intake, mut rx) = intake(&h).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, events::router(intake)).await;
+    });
+    let http = reqwest::Client::new();
+    let url = format!("http://{addr}/bitrix24/events");
+    let huge = format!(
+        "event=ONEXTERNALCALLSTART&auth%5Bapplication_token%5D=app-token-123&data%5BX%5D={}",
+        "a".repeat(200_000)
+    );
+    let r = http.post(&url).body(huge).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    let other =
+        "event=ONCRMLEADADD&data%5BFIELDS%5D%5BID%5D=1&auth%5Bapplication_token%5D=app-token-123";
+    let r = http.post(&url).body(other).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let no_id = "event=ONEXTERNALCALLSTART&data%5BPHONE_NUMBER%5D=1&auth%5Bapplication_token%5D=app-token-123";
+    let r = http.post(&url).body(no_id).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    assert!(rx.try_recv().is_err());
+}
