@@ -644,3 +644,57 @@ async fn oversized_or_foreign_events_are_refused_or_ignored() {
     assert_eq!(r.status(), 422);
     assert!(rx.try_recv().is_err());
 }
+
+#[tokio::test]
+async fn double_click_is_dropped_and_its_bitrix_call_closed_as_cancelled() {
+    let h = harness(|_, _| {}).await;
+    let client = h.b24.client();
+    let mut ids = Vec::new();
+    for ext in ["click-1", "click-2"] {
+        let r = client
+            .call(
+                "telephony.externalcall.register",
+                json!({"USER_ID": 11, "PHONE_NUMBER": CLIENT, "TYPE": 1, "SHOW": 1, "EXTERNAL_CALL_ID": ext}),
+            )
+            .await
+            .unwrap();
+        ids.push(r["CALL_ID"].as_str().unwrap().to_string());
+    }
+    let (tx, mut rx) = mpsc::channel(4);
+    let intake = ClickToCallIntake::with_closer(
+        "t".into(),
+        Duration::from_secs(30),
+        tx,
+        h.b24.pending_click_to_calls(),
+        h.b24.directory(),
+        client.clone(),
+    );
+    let ev = |id: &str| json!({"PHONE_NUMBER": "+7 916 123-45-67", "USER_ID": "11", "CALL_ID": id});
+    assert!(matches!(
+        intake.accept(&ev(&ids[0]), EventSource::Online).await,
+        Ok(Accepted::Queued(_))
+    ));
+    assert_eq!(
+        intake.accept(&ev(&ids[1]), EventSource::Online).await,
+        Ok(Accepted::Duplicate)
+    );
+    assert_eq!(rx.recv().await.unwrap().crm_call_id, ids[0]);
+    assert!(rx.try_recv().is_err());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = h.sb.snapshot();
+        if let Some(f) = s.calls[&ids[1]].finish.as_ref() {
+            assert_eq!(f["STATUS_CODE"], "603-S");
+            assert!(
+                s.calls[&ids[0]].finish.is_none(),
+                "the first click goes ahead"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "duplicate never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -211,12 +211,13 @@ impl Bitrix24 {
         tx: tokio::sync::mpsc::Sender<ClickToCall>,
         stop: tokio_util::sync::CancellationToken,
     ) -> (axum::Router, Option<tokio::task::JoinHandle<()>>) {
-        let intake = super::events::ClickToCallIntake::new(
+        let intake = super::events::ClickToCallIntake::with_closer(
             self.cfg.application_token.clone(),
             self.cfg.click_to_call_dedup,
             tx,
             self.pending_c2c.clone(),
             self.users.clone(),
+            self.client.clone(),
         );
         let router = super::events::router(intake.clone());
         let poller = self.cfg.offline_events.then(|| {
@@ -823,6 +824,13 @@ impl Bitrix24 {
         let finisher = match (&answerer, steps.get("finish_user").and_then(|v| v.as_i64())) {
             (_, Some(u)) => u,
             (Some(a), None) => a.id,
+            // Registered by this job for nobody in particular: that user was already
+            // chosen by the same rule (and a second lookup would cost two requests).
+            (None, None)
+                if rec.rang.is_empty() && rec.user_id > 0 && steps.get("register").is_some() =>
+            {
+                rec.user_id
+            }
             (None, None) => self
                 .missed_user(call, &phone, &rec)
                 .await
