@@ -174,7 +174,13 @@ impl Bitrix24 {
         if !me.cfg.card_debounce.is_zero() {
             let weak = Arc::downgrade(&me);
             let every = me.cfg.card_debounce;
-            tokio::spawn(async move {
+            let rt = tokio::runtime::Handle::try_current().map_err(|_| {
+                BitrixError::Config(
+                    "the connector must be built inside the tokio runtime (card_debounce > 0 starts a task)"
+                        .into(),
+                )
+            })?;
+            rt.spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
                     let Some(me) = weak.upgrade() else { return };
