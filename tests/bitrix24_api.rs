@@ -698,3 +698,18 @@ async fn double_click_is_dropped_and_its_bitrix_call_closed_as_cancelled() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn slow_portal_times_out_as_retryable() {
+    let h = harness(|c, _| {
+        c.request_timeout = Duration::from_millis(100);
+        c.max_retries = 0;
+    })
+    .await;
+    h.sb.set_latency(Duration::from_millis(400));
+    let e = h.b24.client().call("scope", json!({})).await.unwrap_err();
+    assert!(e.to_string().contains("timed out"), "{e}");
+    assert!(matches!(e.into_crm(), CrmError::Retryable { .. }));
+    h.sb.set_latency(Duration::ZERO);
+    assert!(h.b24.client().call("scope", json!({})).await.is_ok());
+}
