@@ -57,6 +57,18 @@ async fn oauth_refreshes_on_expired_token_and_saves_rotated_token() {
     );
     assert_eq!(tokens.get("bitrix24").unwrap().refresh_token, "refresh-3");
     assert_eq!(tokens.get("bitrix24").unwrap().access_token, s.access_token);
+
+    // Ten requests see the same expiry: one refresh (a second one would present the
+    // already rotated refresh token and lock the account out).
+    sb.expire_access_token();
+    let client = b24.client();
+    let all = futures::future::join_all((0..10).map(|_| {
+        let c = client.clone();
+        async move { c.call("scope", json!({})).await }
+    }))
+    .await;
+    assert!(all.iter().all(|r| r.is_ok()), "{all:?}");
+    assert_eq!(sb.snapshot().refreshes, 3);
 }
 
 #[tokio::test]
