@@ -57,6 +57,18 @@ async fn oauth_refreshes_on_expired_token_and_saves_rotated_token() {
     );
     assert_eq!(tokens.get("bitrix24").unwrap().refresh_token, "refresh-3");
     assert_eq!(tokens.get("bitrix24").unwrap().access_token, s.access_token);
+
+    // Ten requests see the same expiry: one refresh (a second one would present the
+    // already rotated refresh token and lock the account out).
+    sb.expire_access_token();
+    let client = b24.client();
+    let all = futures::future::join_all((0..10).map(|_| {
+        let c = client.clone();
+        async move { c.call("scope", json!({})).await }
+    }))
+    .await;
+    assert!(all.iter().all(|r| r.is_ok()), "{all:?}");
+    assert_eq!(sb.snapshot().refreshes, 3);
 }
 
 #[tokio::test]
@@ -594,4 +606,122 @@ async fn daemon_wiring_polls_offline_events_until_stopped() {
     let s = h.sb.snapshot();
     assert_eq!(s.bound_events.len(), 1);
     assert_eq!(s.bound_events[0]["event_type"], "offline");
+}
+
+#[tokio::test]
+async fn unreachable_portal_is_retryable_and_never_leaks_the_webhook_secret() {
+    // A port nothing listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let h = harness(move |c, _| {
+        c.webhook_url = Some(format!("http://127.0.0.1:{port}/rest/1/supersecret42/"));
+        c.max_retries = 1;
+    })
+    .await;
+    let e = h.b24.check_access().await.unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("scope") && text.contains("connection failed"),
+        "{text}"
+    );
+    assert!(!text.contains("supersecret42"), "{text}");
+    assert!(matches!(e.into_crm(), CrmError::Retryable { .. }));
+}
+
+#[tokio::test]
+async fn oversized_or_foreign_events_are_refused_or_ignored() {
+    let h = harness(|_, _| {}).await;
+    let (intake, mut rx) = intake(&h).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, events::router(intake)).await;
+    });
+    let http = reqwest::Client::new();
+    let url = format!("http://{addr}/bitrix24/events");
+    let huge = format!(
+        "event=ONEXTERNALCALLSTART&auth%5Bapplication_token%5D=app-token-123&data%5BX%5D={}",
+        "a".repeat(200_000)
+    );
+    let r = http.post(&url).body(huge).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    let other =
+        "event=ONCRMLEADADD&data%5BFIELDS%5D%5BID%5D=1&auth%5Bapplication_token%5D=app-token-123";
+    let r = http.post(&url).body(other).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let no_id = "event=ONEXTERNALCALLSTART&data%5BPHONE_NUMBER%5D=1&auth%5Bapplication_token%5D=app-token-123";
+    let r = http.post(&url).body(no_id).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    assert!(rx.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn double_click_is_dropped_and_its_bitrix_call_closed_as_cancelled() {
+    let h = harness(|_, _| {}).await;
+    let client = h.b24.client();
+    let mut ids = Vec::new();
+    for ext in ["click-1", "click-2"] {
+        let r = client
+            .call(
+                "telephony.externalcall.register",
+                json!({"USER_ID": 11, "PHONE_NUMBER": CLIENT, "TYPE": 1, "SHOW": 1, "EXTERNAL_CALL_ID": ext}),
+            )
+            .await
+            .unwrap();
+        ids.push(r["CALL_ID"].as_str().unwrap().to_string());
+    }
+    let (tx, mut rx) = mpsc::channel(4);
+    let intake = ClickToCallIntake::with_closer(
+        "t".into(),
+        Duration::from_secs(30),
+        tx,
+        h.b24.pending_click_to_calls(),
+        h.b24.directory(),
+        client.clone(),
+    );
+    let ev = |id: &str| json!({"PHONE_NUMBER": "+7 916 123-45-67", "USER_ID": "11", "CALL_ID": id});
+    assert!(matches!(
+        intake.accept(&ev(&ids[0]), EventSource::Online).await,
+        Ok(Accepted::Queued(_))
+    ));
+    assert_eq!(
+        intake.accept(&ev(&ids[1]), EventSource::Online).await,
+        Ok(Accepted::Duplicate)
+    );
+    assert_eq!(rx.recv().await.unwrap().crm_call_id, ids[0]);
+    assert!(rx.try_recv().is_err());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = h.sb.snapshot();
+        if let Some(f) = s.calls[&ids[1]].finish.as_ref() {
+            assert_eq!(f["STATUS_CODE"], "603-S");
+            assert!(
+                s.calls[&ids[0]].finish.is_none(),
+                "the first click goes ahead"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "duplicate never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn slow_portal_times_out_as_retryable() {
+    let h = harness(|c, _| {
+        c.request_timeout = Duration::from_millis(100);
+        c.max_retries = 0;
+    })
+    .await;
+    h.sb.set_latency(Duration::from_millis(400));
+    let e = h.b24.client().call("scope", json!({})).await.unwrap_err();
+    assert!(e.to_string().contains("timed out"), "{e}");
+    assert!(matches!(e.into_crm(), CrmError::Retryable { .. }));
+    h.sb.set_latency(Duration::ZERO);
+    assert!(h.b24.client().call("scope", json!({})).await.is_ok());
 }

@@ -710,3 +710,101 @@ async fn burst_of_20_concurrent_calls_15_stays_under_the_portal_limit() {
     }
     assert_eq!(answered, 9);
 }
+
+#[tokio::test]
+async fn outbound_noanswer_09_registered_for_the_dialler() {
+    let h = harness(|c, _| c.crm_create = false).await;
+    // Only the call's first channel names the employee (the client leg never rang
+    // at an employee).
+    let mut c = call("1795304966.24", Direction::Outbound, CLIENT, "74951234567");
+    c.extra.insert(
+        "channel".into(),
+        json!({"from": "101", "to": CLIENT, "type": "outgoing"}),
+    );
+    ended(&mut c, "", 480, 0, 30);
+    h.deliver(Stage::CallEnded, None, &c).await.unwrap();
+    let s = h.sb.snapshot();
+    let call = s.call_by_external("1795304966.24").unwrap();
+    assert_eq!((call.call_type, call.user_id), (1, 11));
+    let fin = call.finish.as_ref().unwrap();
+    assert_eq!(
+        (fin["STATUS_CODE"].clone(), fin["USER_ID"].clone()),
+        (json!("480"), json!(11))
+    );
+    assert!(s.created_leads().is_empty());
+}
+
+#[tokio::test]
+async fn attended_transfer_07_and_local_member_queue_17() {
+    let h = harness(|_, _| {}).await;
+    // 07: 101 answers, consults 102 (Local legs folded by the tracker), hangs up.
+    let mut c = call("1795304940.15", Direction::Inbound, CLIENT, "74951234567");
+    conv(&mut c, "1795304940.16", "101", false);
+    h.deliver(Stage::ConversationRequested, Some("1795304940.16"), &c)
+        .await
+        .unwrap();
+    conv(&mut c, "1795304940.16", "101", true);
+    c.answered_by = "101".into();
+    h.deliver(Stage::ConversationAccepted, Some("1795304940.16"), &c)
+        .await
+        .unwrap();
+    conv(&mut c, "1795304945.19", "102", false);
+    h.deliver(Stage::ConversationRequested, Some("1795304945.19"), &c)
+        .await
+        .unwrap();
+    conv(&mut c, "1795304945.19", "102", true);
+    c.answered_by = "102".into();
+    h.deliver(Stage::ConversationAccepted, Some("1795304945.19"), &c)
+        .await
+        .unwrap();
+    h.deliver(Stage::ConversationEnded, Some("1795304940.16"), &c)
+        .await
+        .unwrap();
+    h.deliver(Stage::ConversationEnded, Some("1795304945.19"), &c)
+        .await
+        .unwrap();
+    ended(&mut c, "102", 200, 9, 17);
+    h.deliver(Stage::CallEnded, None, &c).await.unwrap();
+
+    // 17: queue with Local members, 102 answers.
+    let mut q = call("1795305120.86", Direction::Inbound, CLIENT, "74951234571");
+    conv(&mut q, "1795305120.91", "101", false);
+    conv(&mut q, "1795305120.92", "102", false);
+    h.deliver(Stage::ConversationRequested, Some("1795305120.91"), &q)
+        .await
+        .unwrap();
+    h.deliver(Stage::ConversationRequested, Some("1795305120.92"), &q)
+        .await
+        .unwrap();
+    conv(&mut q, "1795305120.92", "102", true);
+    q.answered_by = "102".into();
+    h.deliver(Stage::ConversationAccepted, Some("1795305120.92"), &q)
+        .await
+        .unwrap();
+    h.deliver(Stage::ConversationEnded, Some("1795305120.91"), &q)
+        .await
+        .unwrap();
+    h.deliver(Stage::ConversationEnded, Some("1795305120.92"), &q)
+        .await
+        .unwrap();
+    ended(&mut q, "102", 200, 6, 9);
+    h.deliver(Stage::CallEnded, None, &q).await.unwrap();
+
+    let s = h.sb.snapshot();
+    assert_eq!(s.count("telephony.externalcall.register"), 2);
+    assert_eq!(s.count("telephony.externalcall.finish"), 2);
+    for id in ["1795304940.15", "1795305120.86"] {
+        let call = s.call_by_external(id).unwrap();
+        assert_eq!(
+            s.cards_of(&call.call_id),
+            vec![
+                ("show".into(), 11),
+                ("show".into(), 12),
+                ("hide".into(), 11),
+                ("finish".into(), 12)
+            ],
+            "{id}"
+        );
+        assert_eq!(call.finish.as_ref().unwrap()["USER_ID"], 12, "{id}");
+    }
+}

@@ -133,12 +133,13 @@ impl Client {
         let mut refreshed = false;
         loop {
             self.limiter.acquire().await;
+            let used = self.current_access_token();
             match self.send_once(method, &params).await {
                 Ok(v) => return Ok(v),
                 Err(e) if e.code() == Some(EXPIRED_TOKEN) && !refreshed => {
                     refreshed = true;
                     info!(crm = "bitrix24", method, "access token expired, refreshing");
-                    self.refresh().await?;
+                    self.refresh_after(used.as_deref()).await?;
                 }
                 Err(e) if e.is_retryable() && attempt < self.retry.max_retries => {
                     let backoff = self
@@ -200,7 +201,7 @@ impl Client {
                 let token = match o.store.get(TOKEN_KEY) {
                     Some(t) => t.access_token,
                     None => {
-                        self.refresh().await?;
+                        self.refresh_after(Some("")).await?;
                         o.store
                             .get(TOKEN_KEY)
                             .map(|t| t.access_token)
@@ -280,6 +281,20 @@ impl Client {
     /// Get a new access token with the stored (or configured) refresh token and store
     /// the rotated pair before using it.
     pub async fn refresh(&self) -> Result<(), BitrixError> {
+        self.refresh_after(None).await
+    }
+
+    fn current_access_token(&self) -> Option<String> {
+        match &self.auth {
+            Auth::OAuth(o) => o.store.get(TOKEN_KEY).map(|t| t.access_token),
+            Auth::Webhook { .. } => None,
+        }
+    }
+
+    /// Refresh, unless the access token that failed (`expired`) was already replaced
+    /// by a concurrent refresh: one expiry causes one refresh, however many requests
+    /// saw it.
+    async fn refresh_after(&self, expired: Option<&str>) -> Result<(), BitrixError> {
         let Auth::OAuth(o) = &self.auth else {
             return Err(BitrixError::Api {
                 method: "(webhook)".into(),
@@ -289,10 +304,11 @@ impl Client {
                 description: "a webhook cannot be refreshed".into(),
             });
         };
-        let before = o.store.get(TOKEN_KEY);
         let _guard = o.refresh_lock.lock().await;
         let current = o.store.get(TOKEN_KEY);
-        if current.is_some() && current != before {
+        if let (Some(cur), Some(failed)) = (&current, expired)
+            && cur.access_token != failed
+        {
             // Someone refreshed while we waited for the lock.
             return Ok(());
         }

@@ -56,9 +56,10 @@ pub struct PathRecords;
 impl RecordSource for PathRecords {
     fn link<'a>(&'a self, call: &'a CallFull) -> BoxFuture<'a, Option<String>> {
         Box::pin(async move {
+            let v = view(call);
             ["record_link", "link"]
                 .iter()
-                .filter_map(|k| call.extra.get(*k).and_then(Value::as_str))
+                .filter_map(|k| field(&v, k))
                 .find(|s| s.starts_with("http://") || s.starts_with("https://"))
                 .map(str::to_string)
         })
@@ -174,7 +175,13 @@ impl Bitrix24 {
         if !me.cfg.card_debounce.is_zero() {
             let weak = Arc::downgrade(&me);
             let every = me.cfg.card_debounce;
-            tokio::spawn(async move {
+            let rt = tokio::runtime::Handle::try_current().map_err(|_| {
+                BitrixError::Config(
+                    "the connector must be built inside the tokio runtime (card_debounce > 0 starts a task)"
+                        .into(),
+                )
+            })?;
+            rt.spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
                     let Some(me) = weak.upgrade() else { return };
@@ -211,12 +218,13 @@ impl Bitrix24 {
         tx: tokio::sync::mpsc::Sender<ClickToCall>,
         stop: tokio_util::sync::CancellationToken,
     ) -> (axum::Router, Option<tokio::task::JoinHandle<()>>) {
-        let intake = super::events::ClickToCallIntake::new(
+        let intake = super::events::ClickToCallIntake::with_closer(
             self.cfg.application_token.clone(),
             self.cfg.click_to_call_dedup,
             tx,
             self.pending_c2c.clone(),
             self.users.clone(),
+            self.client.clone(),
         );
         let router = super::events::router(intake.clone());
         let poller = self.cfg.offline_events.then(|| {
@@ -407,17 +415,11 @@ impl Bitrix24 {
 
     /// The call's CRM call id when it was started from Bitrix24.
     fn click_to_call_for(&self, call: &CallFull, ext: Option<&str>) -> Option<ClickToCall> {
-        let var = call
-            .extra
-            .get("crm_call_id")
-            .and_then(Value::as_str)
-            .or_else(|| {
-                call.extra
-                    .get("variables")
-                    .and_then(|v| v.get(super::events::CRM_CALL_ID_VAR))
-                    .and_then(Value::as_str)
-            })
-            .filter(|s| !s.is_empty());
+        let v = view(call);
+        let var = field(&v, "crm_call_id").or_else(|| {
+            v.get("variables")
+                .and_then(|x| field(x, super::events::CRM_CALL_ID_VAR))
+        });
         if let Some(id) = var {
             return Some(
                 self.pending_c2c
@@ -823,6 +825,13 @@ impl Bitrix24 {
         let finisher = match (&answerer, steps.get("finish_user").and_then(|v| v.as_i64())) {
             (_, Some(u)) => u,
             (Some(a), None) => a.id,
+            // Registered by this job for nobody in particular: that user was already
+            // chosen by the same rule (and a second lookup would cost two requests).
+            (None, None)
+                if rec.rang.is_empty() && rec.user_id > 0 && steps.get("register").is_some() =>
+            {
+                rec.user_id
+            }
             (None, None) => self
                 .missed_user(call, &phone, &rec)
                 .await
@@ -974,7 +983,7 @@ impl Bitrix24 {
 
     async fn attach_record(&self, call: &CallFull, crm_call_id: &str) -> Result<Value, CrmError> {
         if call.answered_by.is_empty()
-            || call.record.is_empty() && !call.extra.contains_key("record_link")
+            || call.record.is_empty() && field(&view(call), "record_link").is_none()
         {
             return Ok(json!({"skipped": "no recording"}));
         }
@@ -1230,47 +1239,87 @@ fn plan_cards(
     (rec, cmds)
 }
 
-/// The employee (internal number) a conversation rings at.
+/// The snapshot as JSON: the connector reads `call_full` by its documented JSON field
+/// names, so it works the same whether a field is typed in [`CallFull`] or carried in
+/// its `extra` map (fields in `extra` win, as they do in the serialized form).
+pub fn view(call: &CallFull) -> Value {
+    serde_json::to_value(call).unwrap_or(Value::Null)
+}
+
+/// A number that may be a string, a number, or an object with a `number` field
+/// (`Party`/`User` objects of `call_full`).
+fn number_of(v: &Value) -> Option<String> {
+    let n = match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Object(o) => ["number", "internal_number", "extension"]
+            .iter()
+            .find_map(|k| o.get(*k).and_then(number_of)),
+        _ => None,
+    };
+    n.filter(|s| !s.is_empty())
+}
+
+/// The employee (internal number) a conversation rings at: its `user`, else its
+/// channel's `to` (inbound) or `from` (outbound).
 pub fn conversation_employee(call: &CallFull, conversation_id: &str) -> Option<String> {
-    let conv = call.extra.get("conversations")?.get(conversation_id)?;
-    if let Some(u) = conv.get("user") {
-        let ext = match u {
-            Value::String(s) => Some(s.clone()),
-            Value::Number(n) => Some(n.to_string()),
-            Value::Object(o) => ["number", "internal_number", "extension"]
-                .iter()
-                .find_map(|k| o.get(*k).and_then(Value::as_str).map(str::to_string)),
-            _ => None,
-        };
-        if let Some(e) = ext.filter(|e| !e.is_empty()) {
-            return Some(e);
-        }
+    employee_in(&view(call), call.direction, conversation_id)
+}
+
+fn employee_in(v: &Value, direction: Direction, conversation_id: &str) -> Option<String> {
+    let conv = v.get("conversations")?.get(conversation_id)?;
+    if let Some(e) = conv.get("user").and_then(number_of) {
+        return Some(e);
     }
-    let ch = conv.get("channel")?;
-    let key = if call.direction == Direction::Outbound {
+    let key = if direction == Direction::Outbound {
         "from"
     } else {
         "to"
     };
-    ch.get(key)
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
+    conv.get("channel")?.get(key).and_then(number_of)
 }
 
 fn conversation_answered(call: &CallFull, conversation_id: &str) -> Option<bool> {
-    let conv = call.extra.get("conversations")?.get(conversation_id)?;
-    conv.get("was_answered")
+    let v = view(call);
+    let conv = v.get("conversations")?.get(conversation_id)?;
+    let flag = conv
+        .get("was_answered")
         .or_else(|| conv.get("channel").and_then(|c| c.get("was_answered")))
-        .and_then(Value::as_bool)
+        .and_then(Value::as_bool);
+    let by_result = conv.get("result").and_then(Value::as_u64).map(|r| r == 200);
+    let by_status = conv
+        .get("dial_status")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(|s| s == "ANSWER");
+    match (flag, by_result, by_status) {
+        (Some(true), _, _) | (_, Some(true), _) | (_, _, Some(true)) => Some(true),
+        (None, None, None) => None,
+        _ => Some(false),
+    }
 }
 
-/// Every employee that appears in the call's conversations, in order.
+/// Every employee of the call, in order: for outbound calls the one who dialled
+/// (`employee`, `user`, else the main channel's `from`), then each conversation's.
 fn all_employees(call: &CallFull) -> Vec<String> {
+    let v = view(call);
     let mut out = Vec::new();
-    if let Some(Value::Object(convs)) = call.extra.get("conversations") {
+    if call.direction == Direction::Outbound {
+        let dialler = ["employee", "user"]
+            .iter()
+            .find_map(|k| v.get(*k).and_then(number_of))
+            .or_else(|| {
+                v.get("channel")
+                    .and_then(|c| c.get("from"))
+                    .and_then(number_of)
+            });
+        if let Some(d) = dialler {
+            out.push(d);
+        }
+    }
+    if let Some(Value::Object(convs)) = v.get("conversations") {
         for id in convs.keys() {
-            if let Some(e) = conversation_employee(call, id)
+            if let Some(e) = employee_in(&v, call.direction, id)
                 && !out.contains(&e)
             {
                 out.push(e);
@@ -1281,35 +1330,41 @@ fn all_employees(call: &CallFull) -> Vec<String> {
 }
 
 fn is_transfer_leg(call: &CallFull, conversation_id: Option<&str>) -> bool {
-    let Some(conv) = conversation_id.and_then(|c| call.extra.get("conversations")?.get(c).cloned())
-    else {
+    let v = view(call);
+    let Some(conv) = conversation_id.and_then(|c| v.get("conversations")?.get(c)) else {
         return false;
     };
-    conv.get("is_transfer").and_then(Value::as_bool) == Some(true)
+    conv.get("via").and_then(Value::as_str) == Some("transfer")
+        || conv.get("is_transfer").and_then(Value::as_bool) == Some(true)
         || conv
             .get("transferred_from")
             .and_then(Value::as_str)
             .is_some_and(|s| !s.is_empty())
 }
 
-/// `CALL_START_DATE`: the call's start (`start_time`, PBX local time) in ISO-8601.
+/// A string field of the snapshot (top level).
+fn field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
+}
+
+/// `CALL_START_DATE`: the call's start (`start_time`, else the main channel's, PBX
+/// local time) in ISO-8601; now when unknown.
 fn start_date(call: &CallFull) -> String {
-    let raw = call
-        .extra
-        .get("start_time")
-        .and_then(Value::as_str)
-        .or_else(|| {
-            call.extra
-                .get("channel")
-                .and_then(|c| c.get("start_time"))
-                .and_then(Value::as_str)
-        });
-    if let Some(r) = raw
-        && let Ok(t) = chrono::NaiveDateTime::parse_from_str(r, "%Y-%m-%d %H:%M:%S")
-    {
-        use chrono::TimeZone;
-        if let Some(local) = chrono::Local.from_local_datetime(&t).earliest() {
-            return local.format("%Y-%m-%dT%H:%M:%S%:z").to_string();
+    let v = view(call);
+    let candidates = [
+        field(&v, "start_time"),
+        v.get("channel").and_then(|c| field(c, "start_time")),
+    ];
+    for r in candidates.into_iter().flatten() {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(r, "%Y-%m-%d %H:%M:%S") {
+            use chrono::{Datelike, TimeZone};
+            // `0001-01-01 00:00:00` means "not set".
+            if t.year() < 2000 {
+                continue;
+            }
+            if let Some(local) = chrono::Local.from_local_datetime(&t).earliest() {
+                return local.format("%Y-%m-%dT%H:%M:%S%:z").to_string();
+            }
         }
     }
     chrono::Local::now()
@@ -1431,5 +1486,40 @@ mod tests {
         assert_eq!(conversation_employee(&c, "c").as_deref(), Some("103"));
         assert_eq!(conversation_employee(&c, "zz"), None);
         assert_eq!(all_employees(&c), vec!["101", "102", "103"]);
+    }
+
+    #[test]
+    fn reads_the_trackers_typed_shapes() {
+        // Party/User objects, per-conversation result and dial status, unset times.
+        let mut c = ended(Direction::Outbound, "", 0);
+        c.extra.insert(
+            "conversations".into(),
+            json!({
+                "9.1": {"user": {"number": "101", "name": "Alice"}, "result": 200, "dial_status": "ANSWER",
+                         "channel": {"was_answered": true}, "via": "transfer"},
+                "9.2": {"user": null, "result": 487, "dial_status": "CANCEL",
+                         "channel": {"from": {"number": "102", "name": ""}, "to": {"number": "79161234567", "name": ""}, "was_answered": false}},
+            }),
+        );
+        c.extra.insert("channel".into(), json!({"from": {"number": "103", "name": "Carol"}, "start_time": "0001-01-01 00:00:00"}));
+        c.extra.insert(
+            "variables".into(),
+            json!({"KOLOKOL_CRM_CALL_ID": "externalCall.x.1"}),
+        );
+        assert_eq!(conversation_employee(&c, "9.1").as_deref(), Some("101"));
+        assert_eq!(conversation_employee(&c, "9.2").as_deref(), Some("102"));
+        assert_eq!(conversation_answered(&c, "9.1"), Some(true));
+        assert_eq!(conversation_answered(&c, "9.2"), Some(false));
+        assert_eq!(all_employees(&c), vec!["103", "101", "102"]);
+        assert!(is_transfer_leg(&c, Some("9.1")));
+        assert!(!is_transfer_leg(&c, Some("9.2")));
+        assert!(!start_date(&c).starts_with("0001"), "unset time → now");
+        let v = view(&c);
+        assert_eq!(
+            v["variables"]
+                .get(super::super::events::CRM_CALL_ID_VAR)
+                .and_then(Value::as_str),
+            Some("externalCall.x.1")
+        );
     }
 }

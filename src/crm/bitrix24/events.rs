@@ -165,6 +165,8 @@ pub struct ClickToCallIntake {
     tx: mpsc::Sender<ClickToCall>,
     pending: Arc<PendingClickToCalls>,
     users: Arc<Directory>,
+    /// Closes calls Bitrix24 registered for dropped double clicks.
+    closer: Option<Arc<Client>>,
 }
 
 impl ClickToCallIntake {
@@ -184,6 +186,28 @@ impl ClickToCallIntake {
             tx,
             pending,
             users,
+            closer: None,
+        })
+    }
+
+    /// Like [`ClickToCallIntake::new`], and the Bitrix24 calls of dropped double clicks
+    /// are finished as cancelled (`603-S`) through `client` so no card stays open.
+    pub fn with_closer(
+        application_token: String,
+        dedup_window: Duration,
+        tx: mpsc::Sender<ClickToCall>,
+        pending: Arc<PendingClickToCalls>,
+        users: Arc<Directory>,
+        client: Arc<Client>,
+    ) -> Arc<Self> {
+        Arc::new(ClickToCallIntake {
+            application_token,
+            window: dedup_window,
+            seen: Mutex::new(HashMap::new()),
+            tx,
+            pending,
+            users,
+            closer: Some(client),
         })
     }
 
@@ -205,8 +229,11 @@ impl ClickToCallIntake {
             return Err(EventError::Missing("PHONE_NUMBER"));
         }
         let user_id = as_i64(data.get("USER_ID")).unwrap_or(0);
-        // Repeats (Bitrix24 resends, offline + online both bound) within the window.
+        // Repeats within the window: the same event again (Bitrix24 resends, or both
+        // online and offline delivery are bound), or a double click on the same number,
+        // which Bitrix24 registers as a second call.
         let key = crm_call_id.clone();
+        let click_key = format!("{user_id}/{}", crate::phone::last10(&phone));
         {
             let Ok(mut seen) = self.seen.lock() else {
                 return Err(EventError::Closed);
@@ -217,7 +244,25 @@ impl ClickToCallIntake {
                 info!(crm = "bitrix24", crm_call_id = %key, "repeated ONEXTERNALCALLSTART dropped");
                 return Ok(Accepted::Duplicate);
             }
+            if user_id > 0 && seen.contains_key(&click_key) {
+                seen.insert(key, Instant::now());
+                info!(crm = "bitrix24", crm_call_id = %crm_call_id, phone = %phone, "second click on the same number dropped; its call is closed as cancelled");
+                if let Some(client) = &self.closer {
+                    // Bitrix24 opened a card for it: close that call as cancelled.
+                    let client = client.clone();
+                    let params = json!({"CALL_ID": crm_call_id, "USER_ID": user_id, "DURATION": 0, "STATUS_CODE": "603-S"});
+                    tokio::spawn(async move {
+                        if let Err(e) = client.call("telephony.externalcall.finish", params).await {
+                            warn!(crm = "bitrix24", error = %e, "cannot close the duplicate click-to-call");
+                        }
+                    });
+                }
+                return Ok(Accepted::Duplicate);
+            }
             seen.insert(key, Instant::now());
+            if user_id > 0 {
+                seen.insert(click_key, Instant::now());
+            }
         }
         let mut extension = crate::phone::digits(&s("EXTENSION"));
         if extension.is_empty()

@@ -234,4 +234,23 @@ mod tests {
         assert_eq!(c.burst, 50);
         assert!(toml::from_str::<Bitrix24Config>("shwo = \"never\"").is_err());
     }
+
+    #[test]
+    fn section_in_the_main_config() {
+        let c = crate::config::Config::from_toml(
+            "[bitrix24]\nbase_url = \"https://p.bitrix24.ru\"\nclient_id = \"app\"\nclient_secret = \"s\"\nmissed_responsible = \"last_rang\"\ntodo_deadline = \"2h\"\n",
+            std::path::Path::new("c.toml"),
+        )
+        .unwrap();
+        let b = c.bitrix24.unwrap();
+        assert_eq!(b.missed_responsible, MissedResponsible::LastRang);
+        assert_eq!(b.todo_deadline, Duration::from_secs(7200));
+        let err = crate::config::Config::from_toml(
+            "[bitrix24]\nshow = \"sometimes\"\n",
+            std::path::Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("bitrix24.show"), "{err}");
+    }
 }
