@@ -473,11 +473,11 @@ async fn online_click_to_call_event_checked_deduplicated_and_not_registered_agai
     assert_eq!(c2c.source, EventSource::Online);
     assert!(rx.try_recv().is_err(), "duplicate dropped");
 
-    // The originated call carries KOLOKOL_CRM_CALL_ID: finished, never registered again.
+    // The originated call carries CRM_CALL_ID: finished, never registered again.
     let mut c = call("1795305000.50", Direction::Outbound, CLIENT, "74951234567");
     c.extra.insert(
         "variables".into(),
-        json!({"KOLOKOL_CRM_CALL_ID": crm_call_id}),
+        json!({"CRM_CALL_ID": crm_call_id}),
     );
     conv(&mut c, "1795305000.51", "101", false);
     h.deliver(Stage::ConversationRequested, Some("1795305000.51"), &c)

@@ -3,7 +3,6 @@
 use std::path::Path;
 
 use kolokol::crm::TokenStore;
-use kolokol::crm::kommo::tokens::SqliteTokenStore;
 use kolokol::sandbox::kommo::{self as sb, SandboxKommo};
 
 fn write_config(dir: &Path, base_url: &str) -> std::path::PathBuf {
@@ -62,7 +61,11 @@ async fn auth_then_users_then_check() {
     s.add_auth_code("good-code");
     let (ok, out, err) = kolokol(&["kommo", "auth", "--code", "good-code", "--config", cfg]).await;
     assert!(ok, "{out}{err}");
-    let store = SqliteTokenStore::open(&dir.path().join("state/tokens.sqlite")).unwrap();
+    let store = kolokol::store::Store::open(&kolokol::store::StorageConfig {
+        state_dir: dir.path().join("state"),
+        ..Default::default()
+    })
+    .unwrap();
     let tokens = store.get("kommo").expect("tokens stored");
     assert_eq!(Some(tokens.refresh_token), s.snapshot().refresh_token);
 

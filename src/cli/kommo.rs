@@ -8,14 +8,14 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::config::{self, Config};
-use crate::crm::kommo::tokens::SqliteTokenStore;
 use crate::crm::kommo::{KommoConfig, KommoConnector};
 use crate::hooks::NoCustomizations;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Exchange an authorization code (from the integration's settings in Kommo; valid
-    /// 20 minutes) for OAuth tokens, stored in `<storage.state_dir>/tokens.sqlite`.
+    /// 20 minutes) for OAuth tokens, stored in the state database
+    /// (`<storage.state_dir>/kolokol.db`), where the daemon reads them.
     Auth {
         /// The authorization code.
         #[arg(long)]
@@ -38,11 +38,6 @@ pub enum Command {
     },
 }
 
-/// Where `kolokol kommo auth` and the daemon keep OAuth tokens.
-pub fn token_db_path(cfg: &Config) -> PathBuf {
-    cfg.storage.state_dir.join("tokens.sqlite")
-}
-
 fn load(arg: &super::ConfigArg) -> anyhow::Result<(Config, KommoConfig)> {
     let path = arg
         .config
@@ -59,10 +54,8 @@ fn load(arg: &super::ConfigArg) -> anyhow::Result<(Config, KommoConfig)> {
 }
 
 async fn connector(cfg: &Config, kommo: KommoConfig) -> anyhow::Result<KommoConnector> {
-    let db = token_db_path(cfg);
-    let store = tokio::task::spawn_blocking(move || SqliteTokenStore::open(&db))
-        .await?
-        .map_err(anyhow::Error::msg)?;
+    let store = crate::store::Store::open(&cfg.storage)
+        .context("cannot open the state database ([storage] state_dir) to keep the tokens")?;
     Ok(KommoConnector::new(
         kommo,
         Arc::new(store),
@@ -83,7 +76,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             let tokens = c.client().exchange_code(code.trim()).await?;
             println!(
                 "Kommo authorized; tokens stored in {} (access token valid until unix time {})",
-                token_db_path(&cfg).display(),
+                cfg.storage.db_path().display(),
                 tokens.expires_at
             );
             Ok(ExitCode::SUCCESS)

@@ -21,8 +21,10 @@ pub struct BuiltConnector {
     pub connector: Arc<dyn Connector>,
     /// Its rate limiter, when the worker should pause it on Retry-After.
     pub limiter: Option<Arc<RateLimiter>>,
-    /// Webhook routes it serves (click-to-call events), if any.
+    /// Webhook routes it serves, if any.
     pub router: Option<Router>,
+    /// The Bitrix24 connector itself (click-to-call intake needs it).
+    pub bitrix: Option<Arc<Bitrix24>>,
 }
 
 /// Build every connector the config enables. Account checks run in the background:
@@ -52,6 +54,7 @@ pub async fn build(
             connector: kommo,
             limiter: None,
             router: None,
+            bitrix: None,
         });
     }
     if let Some(cfg) = &config.bitrix24 {
@@ -75,9 +78,10 @@ pub async fn build(
             }
         });
         out.push(BuiltConnector {
-            connector: b24,
+            connector: b24.clone(),
             limiter: None,
             router: None,
+            bitrix: Some(b24),
         });
     }
     Ok(out)

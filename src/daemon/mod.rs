@@ -9,6 +9,7 @@
 pub mod crms;
 pub mod outbox_worker;
 pub(crate) mod pipeline;
+mod routing;
 pub mod systemd;
 mod tracking;
 mod web;
@@ -163,6 +164,17 @@ pub async fn run(
             app = app.merge(r.clone());
         }
     }
+    let routing_cancel = CancellationToken::new();
+    let routing = routing::start(
+        &config,
+        &connectors,
+        built.iter().find_map(|b| b.bitrix.clone()),
+        hooks.clone(),
+        ami.clone(),
+        routing_cancel.clone(),
+    )
+    .await?;
+    app = app.merge(routing.router);
     let listener = tokio::net::TcpListener::bind(&config.http.listen)
         .await
         .with_context(|| {
@@ -212,7 +224,7 @@ pub async fn run(
     if let Some(tx) = on_listening {
         let _ = tx.send(Listening {
             http: http_addr,
-            agi: None,
+            agi: routing.agi_addr,
         });
     }
     notifier.ready();
@@ -256,6 +268,7 @@ pub async fn run(
     tracing::info!("shutting down: stopping AMI intake");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(9);
 
+    routing_cancel.cancel();
     ami.shutdown().await;
     tracker_cancel.cancel();
     let _ = tokio::time::timeout_at(deadline, tracker_task).await;
@@ -279,6 +292,9 @@ pub async fn run(
     http_cancel.cancel();
     let _ = tokio::time::timeout_at(deadline, http_task).await;
     status_task.abort();
+    for t in routing.tasks {
+        t.abort();
+    }
     tracing::info!("kolokol stopped");
     Ok(())
 }

@@ -127,6 +127,9 @@ state_dir = "{state}"
 retry_min = "200ms"
 retry_max = "5s"
 
+[agi]
+listen = "127.0.0.1:0"
+
 [http]
 listen = "{http_listen}"
 public_url = "{public}"

@@ -14,7 +14,7 @@
 //! The connector reads these parts of `call_full`: the top-level fields, and
 //! `conversations.<conversation_id>.user` (the employee's internal number; falls back to
 //! the conversation's `channel.to`/`channel.from`), `conversations.<id>.was_answered`,
-//! `start_time`, and for click-to-call `crm_call_id` or `variables.KOLOKOL_CRM_CALL_ID`.
+//! `start_time`, and for click-to-call `crm_call_id` or `variables.CRM_CALL_ID`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -1504,7 +1504,7 @@ mod tests {
         c.extra.insert("channel".into(), json!({"from": {"number": "103", "name": "Carol"}, "start_time": "0001-01-01 00:00:00"}));
         c.extra.insert(
             "variables".into(),
-            json!({"KOLOKOL_CRM_CALL_ID": "externalCall.x.1"}),
+            json!({"CRM_CALL_ID": "externalCall.x.1"}),
         );
         assert_eq!(conversation_employee(&c, "9.1").as_deref(), Some("101"));
         assert_eq!(conversation_employee(&c, "9.2").as_deref(), Some("102"));

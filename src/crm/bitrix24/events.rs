@@ -12,7 +12,7 @@
 //! Either way each event becomes one [`ClickToCall`] on a channel; the daemon's
 //! click-to-call path originates it (first the employee's phone, then the client) and
 //! sets the channel variable [`CRM_CALL_ID_VAR`] to `crm_call_id`; the tracker exposes
-//! it as `call_full.crm_call_id` (or `call_full.variables.KOLOKOL_CRM_CALL_ID`), and the
+//! it as `call_full.crm_call_id` (or `call_full.variables.CRM_CALL_ID`), and the
 //! connector then finishes that `CALL_ID` instead of registering a new call. As a
 //! fallback, an outbound call from the same extension to the same number within 5
 //! minutes adopts the pending `CALL_ID`.
@@ -39,7 +39,7 @@ use super::form;
 use super::users::{Directory, as_i64};
 
 /// Channel variable the originate path sets to the Bitrix24 `CALL_ID`.
-pub const CRM_CALL_ID_VAR: &str = "KOLOKOL_CRM_CALL_ID";
+pub const CRM_CALL_ID_VAR: &str = "CRM_CALL_ID";
 
 /// Largest accepted event body.
 const MAX_EVENT_BODY: usize = 64 * 1024;

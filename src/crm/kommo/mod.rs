@@ -14,7 +14,6 @@
 
 pub mod client;
 pub mod connector;
-pub mod tokens;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
