@@ -475,10 +475,8 @@ async fn online_click_to_call_event_checked_deduplicated_and_not_registered_agai
 
     // The originated call carries CRM_CALL_ID: finished, never registered again.
     let mut c = call("1795305000.50", Direction::Outbound, CLIENT, "74951234567");
-    c.extra.insert(
-        "variables".into(),
-        json!({"CRM_CALL_ID": crm_call_id}),
-    );
+    c.extra
+        .insert("variables".into(), json!({"CRM_CALL_ID": crm_call_id}));
     conv(&mut c, "1795305000.51", "101", false);
     h.deliver(Stage::ConversationRequested, Some("1795305000.51"), &c)
         .await

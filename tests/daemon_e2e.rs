@@ -117,7 +117,15 @@ async fn world() -> World {
     world.bitrix.set_rate(1000.0, 1000);
     let http = format!("127.0.0.1:{}", free_port());
     let config = dir.path().join("config.toml");
-    std::fs::write(&config, world.config_toml(&http)).expect("config written");
+    // The sandboxes run without their rate limits here; so does kolokol's client side.
+    let toml = world
+        .config_toml(&http)
+        .replace("[kommo]\n", "[kommo]\nrate_limit = 1000.0\n")
+        .replace(
+            "[bitrix24]\n",
+            "[bitrix24]\nrate_per_sec = 1000.0\nburst = 1000\n",
+        );
+    std::fs::write(&config, toml).expect("config written");
     World {
         world,
         dir,
@@ -159,7 +167,11 @@ fn journal_calls(w: &World) -> Vec<serde_json::Value> {
         .arg(&w.config)
         .output()
         .expect("kolokol calls runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -174,7 +186,11 @@ async fn every_fixture_call_is_registered_exactly_once() {
     let w = world().await;
     let log = w.dir.path().join("daemon.log");
     let mut daemon = Daemon::start(&w.config, &log);
-    assert!(w.world.ami.wait_logged_in(1, Duration::from_secs(20)).await, "daemon logs in: {}", daemon.log_text());
+    assert!(
+        w.world.ami.wait_logged_in(1, Duration::from_secs(20)).await,
+        "daemon logs in: {}",
+        daemon.log_text()
+    );
 
     let names = [
         "01-inbound-answered-recorded",
@@ -209,10 +225,19 @@ async fn every_fixture_call_is_registered_exactly_once() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (kommo, bitrix) = registrations(&w);
     assert_eq!(kommo.len(), external, "kommo calls: {kommo:?}");
-    assert!(kommo.values().all(|n| *n == 1), "a call registered twice in Kommo: {kommo:?}");
+    assert!(
+        kommo.values().all(|n| *n == 1),
+        "a call registered twice in Kommo: {kommo:?}"
+    );
     assert_eq!(bitrix.len(), external, "bitrix finishes: {bitrix:?}");
-    assert!(bitrix.values().all(|n| *n == 1), "a call finished twice in Bitrix24: {bitrix:?}");
-    assert_eq!(kommo.keys().collect::<BTreeSet<_>>(), bitrix.keys().collect::<BTreeSet<_>>());
+    assert!(
+        bitrix.values().all(|n| *n == 1),
+        "a call finished twice in Bitrix24: {bitrix:?}"
+    );
+    assert_eq!(
+        kommo.keys().collect::<BTreeSet<_>>(),
+        bitrix.keys().collect::<BTreeSet<_>>()
+    );
 
     // The recorded call carries a signed link that serves the converted mp3.
     let snap = w.world.kommo.snapshot();
@@ -223,7 +248,10 @@ async fn every_fixture_call_is_registered_exactly_once() {
         .expect("fixture 01 registered");
     assert_eq!(recorded.call_status, Some(4), "answered = talked");
     let link = recorded.link.clone().expect("recording link");
-    assert!(link.starts_with(&format!("http://{}/records/", w.http)), "{link}");
+    assert!(
+        link.starts_with(&format!("http://{}/records/", w.http)),
+        "{link}"
+    );
     let mut body = Vec::new();
     for _ in 0..100 {
         let resp = reqwest::get(&link).await.expect("link answers");
@@ -293,17 +321,27 @@ async fn kill_9_at_random_points_loses_and_duplicates_nothing() {
     }
     assert!(kills >= 3, "only {kills} kills");
     let w = &*world;
-    wait_until("all calls registered after the kills", Duration::from_secs(90), || {
-        let (k, b) = registrations(w);
-        k.len() >= external && b.len() >= external
-    })
+    wait_until(
+        "all calls registered after the kills",
+        Duration::from_secs(90),
+        || {
+            let (k, b) = registrations(w);
+            k.len() >= external && b.len() >= external
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (kommo, bitrix) = registrations(w);
     assert_eq!(kommo.len(), external, "after {kills} kills: {kommo:?}");
-    assert!(kommo.values().all(|n| *n == 1), "duplicate in Kommo: {kommo:?}");
+    assert!(
+        kommo.values().all(|n| *n == 1),
+        "duplicate in Kommo: {kommo:?}"
+    );
     assert_eq!(bitrix.len(), external, "after {kills} kills: {bitrix:?}");
-    assert!(bitrix.values().all(|n| *n == 1), "duplicate finish in Bitrix24: {bitrix:?}");
+    assert!(
+        bitrix.values().all(|n| *n == 1),
+        "duplicate finish in Bitrix24: {bitrix:?}"
+    );
 }
 
 /// The CRMs answer 503 and 429 (Retry-After) for a while: everything arrives afterwards,
@@ -313,13 +351,21 @@ async fn crm_outage_then_everything_is_delivered() {
     let w = world().await;
     w.world.kommo.fail_next(12, 503);
     w.world.kommo.set_retry_after(1);
-    w.world
-        .bitrix
-        .fail_next("telephony.externalcall.register", 6, 503, "QUERY_LIMIT_EXCEEDED", "Too many requests");
+    w.world.bitrix.fail_next(
+        "telephony.externalcall.register",
+        6,
+        503,
+        "QUERY_LIMIT_EXCEEDED",
+        "Too many requests",
+    );
     let log = w.dir.path().join("daemon.log");
     let mut daemon = Daemon::start(&w.config, &log);
     assert!(w.world.ami.wait_logged_in(1, Duration::from_secs(20)).await);
-    for n in ["01-inbound-answered-recorded", "02-inbound-noanswer-missed", "08-outbound-101-answered"] {
+    for n in [
+        "01-inbound-answered-recorded",
+        "02-inbound-noanswer-missed",
+        "08-outbound-101-answered",
+    ] {
         let replay = Replay::from_fixture(fixture(n)).expect("fixture");
         w.world.ami.play(&replay).await;
     }
@@ -329,8 +375,14 @@ async fn crm_outage_then_everything_is_delivered() {
     })
     .await;
     let (kommo, bitrix) = registrations(&w);
-    assert!(kommo.values().all(|n| *n == 1) && kommo.len() == 3, "{kommo:?}");
-    assert!(bitrix.values().all(|n| *n == 1) && bitrix.len() == 3, "{bitrix:?}");
+    assert!(
+        kommo.values().all(|n| *n == 1) && kommo.len() == 3,
+        "{kommo:?}"
+    );
+    assert!(
+        bitrix.values().all(|n| *n == 1) && bitrix.len() == 3,
+        "{bitrix:?}"
+    );
     let snap = w.world.kommo.snapshot();
     let failed = snap.requests.iter().filter(|r| r.status == 503).count();
     assert!(failed >= 12, "the sandbox really failed requests: {failed}");
@@ -362,10 +414,14 @@ async fn ami_drop_mid_call_still_registers_the_call() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     w.world.ami.drop_connections();
     play.await.expect("replay finished");
-    wait_until("the call registered after the reconnect", Duration::from_secs(40), || {
-        let (k, b) = registrations(&w);
-        k.len() >= 1 && b.len() >= 1
-    })
+    wait_until(
+        "the call registered after the reconnect",
+        Duration::from_secs(40),
+        || {
+            let (k, b) = registrations(&w);
+            k.len() >= 1 && b.len() >= 1
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (kommo, bitrix) = registrations(&w);
@@ -410,7 +466,12 @@ async fn sigterm_during_burst_then_restart_resumes() {
         let log = daemon.log_text();
         let interesting: Vec<&str> = log
             .lines()
-            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("resync") || l.contains("call_ended"))
+            .filter(|l| {
+                l.contains("WARN")
+                    || l.contains("ERROR")
+                    || l.contains("resync")
+                    || l.contains("call_ended")
+            })
             .collect();
         eprintln!("{}", interesting.join("\n"));
     }

@@ -26,7 +26,9 @@ use crate::store::Store;
 pub(crate) enum PipelineMsg {
     Stage(StageEvent),
     /// A resync with Asterisk finished; these calls are live now.
-    Resynced { live: HashSet<String> },
+    Resynced {
+        live: HashSet<String>,
+    },
 }
 
 /// Where the last snapshot of every unfinished call is kept (in the `caches` table), so

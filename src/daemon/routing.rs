@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 use crate::agi::{AgiServer, AutodistHandler, Autodistributor, CrmLookup, ResponsibleCache};
 use crate::ami::{AmiHandle, Message};
 use crate::config::Config;
-use crate::crm::{BoxFuture, Connector};
 use crate::crm::bitrix24::{Bitrix24, ClickToCall as BitrixClickToCall};
+use crate::crm::{BoxFuture, Connector};
 use crate::hooks::Customize;
 use crate::originate::{ClickToCall, OriginateError, OriginateRequest, Originator};
 
