@@ -4,7 +4,7 @@
 //! Field names and formats follow Itgrix's documented `call_full` so admins can port
 //! their scripts; the top-level fields listed first are relied on by the rest of
 //! kolokol (CRM connectors, journal, tools) and must keep their names and types.
-//! Every field is documented for admins in `customizations/call_full.md`.
+//! Every field is documented for admins in `customizations/README.md (section call_full)`.
 
 use serde::de::{MapAccess, Visitor};
 use serde::ser::SerializeMap;
@@ -65,7 +65,7 @@ pub struct StageEvent {
     pub call_full: CallFull,
 }
 
-/// The full call snapshot. See `customizations/call_full.md` for every field.
+/// The full call snapshot. See `customizations/README.md (section call_full)` for every field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default)]
 pub struct CallFull {
