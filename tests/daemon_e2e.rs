@@ -332,6 +332,14 @@ async fn kill_9_at_random_points_loses_and_duplicates_nothing() {
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (kommo, bitrix) = registrations(w);
+    if kommo.len() != external {
+        let log = daemon.log_text();
+        let interesting: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("resync") || l.contains("call_ended") || l.contains("demo PBX") || l.contains("outbound") || l.contains("not registered") || l.contains("kill"))
+            .collect();
+        eprintln!("{}", interesting.join("\n"));
+    }
     assert_eq!(kommo.len(), external, "after {kills} kills: {kommo:?}");
     assert!(
         kommo.values().all(|n| *n == 1),

@@ -1085,6 +1085,11 @@ impl Tracker {
         self.resync = Some(HashSet::new());
     }
 
+    /// Give up a resync whose `CoreShowChannels` failed: nothing is ended.
+    pub fn abort_resync(&mut self) {
+        self.resync = None;
+    }
+
     /// One `CoreShowChannel` event of the resync.
     pub fn resync_channel(&mut self, m: &Message, at: Time) {
         let id = g(m, "Uniqueid");

@@ -40,7 +40,8 @@ pub(crate) async fn run(
 ) {
     let events_total = metrics.counter("kolokol_ami_events_total", "AMI events received", &[]);
     let live_gauge = metrics.gauge("kolokol_live_calls", "Calls in progress", &[]);
-    let (resync_tx, mut resync_rx) = mpsc::channel::<Vec<Message>>(2);
+    // `None`: the resync action failed.
+    let (resync_tx, mut resync_rx) = mpsc::channel::<Option<Vec<Message>>>(2);
     let mut reap = tokio::time::interval(Duration::from_secs(60));
     let mut snapshot = tokio::time::interval(Duration::from_secs(1));
     let mut out = Vec::new();
@@ -58,10 +59,14 @@ pub(crate) async fn run(
                     }
                     AmiEvent::Connected { banner } => {
                         tracing::info!(%banner, "AMI connected; resyncing live calls");
+                        // From here on, calls that events touch count as alive, so
+                        // events racing the CoreShowChannels answer are not lost.
+                        tracker.begin_resync();
                         spawn_resync(ami.clone(), resync_tx.clone());
                     }
                     AmiEvent::Reconnected => {
                         tracing::warn!("AMI reconnected; events in between are lost, resyncing live calls");
+                        tracker.begin_resync();
                         spawn_resync(ami.clone(), resync_tx.clone());
                     }
                     AmiEvent::Disconnected { reason } => {
@@ -69,9 +74,12 @@ pub(crate) async fn run(
                     }
                 }
             }
-            Some(channels) = resync_rx.recv() => {
+            Some(answer) = resync_rx.recv() => {
+                let Some(channels) = answer else {
+                    tracker.abort_resync();
+                    continue;
+                };
                 let now = Utc::now();
-                tracker.begin_resync();
                 for m in &channels {
                     tracker.resync_channel(m, now);
                 }
@@ -125,19 +133,23 @@ pub(crate) async fn run(
     tracing::info!("tracker stopped");
 }
 
-fn spawn_resync(ami: AmiHandle, tx: mpsc::Sender<Vec<Message>>) {
+fn spawn_resync(ami: AmiHandle, tx: mpsc::Sender<Option<Vec<Message>>>) {
     tokio::spawn(async move {
         let action = Message::from_pairs(&[("Action", "CoreShowChannels")]);
         match ami.action(action).await {
             Ok(resp) if resp.is_success() => {
-                let _ = tx.send(resp.events).await;
+                let _ = tx.send(Some(resp.events)).await;
             }
-            Ok(resp) => tracing::warn!(
-                message = resp.message().unwrap_or(""),
-                "CoreShowChannels refused (AMI user lacks 'reporting'/'system' read?): live calls not resynced"
-            ),
+            Ok(resp) => {
+                tracing::warn!(
+                    message = resp.message().unwrap_or(""),
+                    "CoreShowChannels refused (give the AMI user read = reporting): live calls not resynced"
+                );
+                let _ = tx.send(None).await;
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "CoreShowChannels failed: live calls not resynced")
+                tracing::warn!(error = %e, "CoreShowChannels failed: live calls not resynced");
+                let _ = tx.send(None).await;
             }
         }
     });
