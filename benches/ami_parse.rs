@@ -165,6 +165,7 @@ fn run_client(body: &Bytes, copies: usize, events: usize) -> Times {
     rt.block_on(async {
         let fake = FakeAmi::start(FakeAmiOptions {
             fully_booted: false,
+            track_channels: false,
             ..FakeAmiOptions::default()
         })
         .await

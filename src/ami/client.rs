@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use md5::{Digest, Md5};
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -676,22 +676,6 @@ impl Task {
                     }
                     Err(_) => { self.consumer_gone = true; self.outq.clear(); }
                 },
-                frame = reader.next(), if room => {
-                    last_rx = Instant::now();
-                    match frame {
-                        None => break SessionEnd::Lost(AmiError::Io { addr: addr.clone(), reason: "connection closed by Asterisk".into() }),
-                        Some(Err(e)) => break SessionEnd::Lost(AmiError::Io { addr: addr.clone(), reason: e.to_string() }),
-                        Some(Ok(Frame::Message(m))) => {
-                            self.counters.messages.fetch_add(1, Ordering::Relaxed);
-                            self.on_message(m, &mut pending);
-                        }
-                        Some(Ok(Frame::Malformed(bad))) => {
-                            malformed_seen += 1;
-                            note_malformed(&self.counters, &addr, &bad, malformed_seen);
-                        }
-                        Some(Ok(Frame::Banner(b))) => tracing::debug!(ami = %addr, banner = %b, "second banner ignored"),
-                    }
-                },
                 cmd = cmd_rx.recv() => match cmd {
                     None => {
                         self.logoff(&mut reader, &mut writer).await;
@@ -741,6 +725,40 @@ impl Task {
                     // that ignores Ping; keep only a few.
                     if pending.len() > 10_000 {
                         pending.retain(|_, p| !matches!(p.waiter, Waiter::Keepalive));
+                    }
+                },
+                // After commands and the keepalive so a flood of events never delays them.
+                frame = reader.next(), if room => {
+                    last_rx = Instant::now();
+                    let mut frame = frame;
+                    // Handle what is already buffered without going back through
+                    // select (one wake-up per read, not per message).
+                    let mut budget = 512u32;
+                    let lost = loop {
+                        match frame {
+                            None => break Some(AmiError::Io { addr: addr.clone(), reason: "connection closed by Asterisk".into() }),
+                            Some(Err(e)) => break Some(AmiError::Io { addr: addr.clone(), reason: e.to_string() }),
+                            Some(Ok(Frame::Message(m))) => {
+                                self.counters.messages.fetch_add(1, Ordering::Relaxed);
+                                self.on_message(m, &mut pending);
+                            }
+                            Some(Ok(Frame::Malformed(bad))) => {
+                                malformed_seen += 1;
+                                note_malformed(&self.counters, &addr, &bad, malformed_seen);
+                            }
+                            Some(Ok(Frame::Banner(b))) => tracing::debug!(ami = %addr, banner = %b, "second banner ignored"),
+                        }
+                        budget -= 1;
+                        if budget == 0 || !(self.consumer_gone || self.outq.len() < self.outq_max) {
+                            break None;
+                        }
+                        match reader.next().now_or_never() {
+                            Some(next) => frame = next,
+                            None => break None,
+                        }
+                    };
+                    if let Some(e) = lost {
+                        break SessionEnd::Lost(e);
                     }
                 },
                 _ = sleep_until(dead_at) => {
