@@ -23,7 +23,9 @@ py_ver="$(PYTHONPATH="$tmp/py" python3 -c 'import importlib.metadata as m; print
 node_ver="$(node -p "require('$tmp/node/node_modules/asterisk-manager/package.json').version")"
 
 echo "== kolokol (cargo bench --bench ami_parse)" >&2
-rust_json="$(cargo bench --quiet --bench ami_parse 2>/dev/null | tee /dev/stderr | tail -n 1)"
+rust_out="$(cargo bench --quiet --bench ami_parse 2>/dev/null)"
+echo "$rust_out" >&2
+rust_json="$(tail -n 1 <<<"$rust_out")"
 
 echo "== panoramisk $py_ver (parser on the bytes)" >&2
 py_json="$(PYTHONPATH="$tmp/py" python3 "$here/panoramisk_parse.py" "$fixture" "$AMI_BENCH_EVENTS")"
