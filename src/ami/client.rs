@@ -897,7 +897,7 @@ fn is_success(m: &Message) -> bool {
 
 fn note_malformed(counters: &Counters, addr: &str, bad: &Malformed, seen: u64) {
     let total = counters.malformed.fetch_add(1, Ordering::Relaxed) + 1;
-    if seen <= MALFORMED_LOG_FIRST || seen % MALFORMED_LOG_EVERY == 0 {
+    if seen <= MALFORMED_LOG_FIRST || seen.is_multiple_of(MALFORMED_LOG_EVERY) {
         tracing::warn!(
             ami = %addr,
             reason = %bad.reason,
@@ -933,30 +933,21 @@ impl Handshake {
     }
 
     async fn banner(&mut self, reader: &mut Reader) -> Result<String, AmiError> {
-        loop {
-            match self.next(reader).await? {
-                Frame::Banner(b) => return Ok(b),
-                Frame::Malformed(bad) => {
-                    self.malformed_seen += 1;
-                    note_malformed(&self.counters, &self.addr, &bad, self.malformed_seen);
-                    return Err(AmiError::Protocol {
-                        addr: self.addr.clone(),
-                        reason: format!(
-                            "expected the `Asterisk Call Manager/...` banner, got {:?}",
-                            bad.sample
-                        ),
-                    });
-                }
-                Frame::Message(m) => {
-                    return Err(AmiError::Protocol {
-                        addr: self.addr.clone(),
-                        reason: format!(
-                            "expected the `Asterisk Call Manager/...` banner, got a message {m:?}"
-                        ),
-                    });
-                }
+        let got = match self.next(reader).await? {
+            Frame::Banner(b) => return Ok(b),
+            Frame::Malformed(bad) => {
+                self.malformed_seen += 1;
+                note_malformed(&self.counters, &self.addr, &bad, self.malformed_seen);
+                format!("{:?}", bad.sample)
             }
-        }
+            Frame::Message(m) => format!("a message {m:?}"),
+        };
+        Err(AmiError::Protocol {
+            addr: self.addr.clone(),
+            reason: format!(
+                "expected the `Asterisk Call Manager/...` banner, got {got} (is this port AMI?)"
+            ),
+        })
     }
 
     /// Send one action and read until its response; events in between are kept.

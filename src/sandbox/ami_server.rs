@@ -191,7 +191,7 @@ impl Replay {
                     Some((t, off, len))
                 })
                 .collect();
-            recv.sort_by(|a, b| a.1.cmp(&b.1));
+            recv.sort_by_key(|r| r.1);
             let mut t0: Option<f64> = None;
             let mut new_off = 0usize;
             let mut k = 0usize;
