@@ -508,3 +508,29 @@ async fn slow_consumer_loses_nothing() {
     }
     ami.shutdown().await;
 }
+
+/// The recorded socket chunking (chunk borders inside messages) and pauses, sped up,
+/// through the real client: the same events, in order.
+#[tokio::test]
+async fn recorded_chunking_and_timing_reach_the_consumer_intact() {
+    let replay = Replay::from_fixture(format!("{FIX}/14d-readonly-user.ami"))
+        .expect("fixture")
+        .timed(true)
+        .speed(20.0);
+    assert!(replay.duration() > Duration::ZERO);
+    let expected = parse_messages(replay.bytes());
+    let fake = FakeAmi::start(FakeAmiOptions::default())
+        .await
+        .expect("fake AMI");
+    let (ami, mut rx) = AmiClient::spawn(config(&fake));
+    connected(&mut rx).await;
+    assert!(next_message(&mut rx).await.is_event("FullyBooted"));
+    let player = fake.clone();
+    let play = tokio::spawn(async move { player.play(&replay).await });
+    for want in &expected {
+        assert_eq!(&next_message(&mut rx).await, want);
+    }
+    play.await.expect("play");
+    assert_eq!(ami.stats().malformed, 0);
+    ami.shutdown().await;
+}

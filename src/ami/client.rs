@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use md5::{Digest, Md5};
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -676,22 +676,6 @@ impl Task {
                     }
                     Err(_) => { self.consumer_gone = true; self.outq.clear(); }
                 },
-                frame = reader.next(), if room => {
-                    last_rx = Instant::now();
-                    match frame {
-                        None => break SessionEnd::Lost(AmiError::Io { addr: addr.clone(), reason: "connection closed by Asterisk".into() }),
-                        Some(Err(e)) => break SessionEnd::Lost(AmiError::Io { addr: addr.clone(), reason: e.to_string() }),
-                        Some(Ok(Frame::Message(m))) => {
-                            self.counters.messages.fetch_add(1, Ordering::Relaxed);
-                            self.on_message(m, &mut pending);
-                        }
-                        Some(Ok(Frame::Malformed(bad))) => {
-                            malformed_seen += 1;
-                            note_malformed(&self.counters, &addr, &bad, malformed_seen);
-                        }
-                        Some(Ok(Frame::Banner(b))) => tracing::debug!(ami = %addr, banner = %b, "second banner ignored"),
-                    }
-                },
                 cmd = cmd_rx.recv() => match cmd {
                     None => {
                         self.logoff(&mut reader, &mut writer).await;
@@ -741,6 +725,40 @@ impl Task {
                     // that ignores Ping; keep only a few.
                     if pending.len() > 10_000 {
                         pending.retain(|_, p| !matches!(p.waiter, Waiter::Keepalive));
+                    }
+                },
+                // After commands and the keepalive so a flood of events never delays them.
+                frame = reader.next(), if room => {
+                    last_rx = Instant::now();
+                    let mut frame = frame;
+                    // Handle what is already buffered without going back through
+                    // select (one wake-up per read, not per message).
+                    let mut budget = 512u32;
+                    let lost = loop {
+                        match frame {
+                            None => break Some(AmiError::Io { addr: addr.clone(), reason: "connection closed by Asterisk".into() }),
+                            Some(Err(e)) => break Some(AmiError::Io { addr: addr.clone(), reason: e.to_string() }),
+                            Some(Ok(Frame::Message(m))) => {
+                                self.counters.messages.fetch_add(1, Ordering::Relaxed);
+                                self.on_message(m, &mut pending);
+                            }
+                            Some(Ok(Frame::Malformed(bad))) => {
+                                malformed_seen += 1;
+                                note_malformed(&self.counters, &addr, &bad, malformed_seen);
+                            }
+                            Some(Ok(Frame::Banner(b))) => tracing::debug!(ami = %addr, banner = %b, "second banner ignored"),
+                        }
+                        budget -= 1;
+                        if budget == 0 || !(self.consumer_gone || self.outq.len() < self.outq_max) {
+                            break None;
+                        }
+                        match reader.next().now_or_never() {
+                            Some(next) => frame = next,
+                            None => break None,
+                        }
+                    };
+                    if let Some(e) = lost {
+                        break SessionEnd::Lost(e);
                     }
                 },
                 _ = sleep_until(dead_at) => {
@@ -879,7 +897,7 @@ fn is_success(m: &Message) -> bool {
 
 fn note_malformed(counters: &Counters, addr: &str, bad: &Malformed, seen: u64) {
     let total = counters.malformed.fetch_add(1, Ordering::Relaxed) + 1;
-    if seen <= MALFORMED_LOG_FIRST || seen % MALFORMED_LOG_EVERY == 0 {
+    if seen <= MALFORMED_LOG_FIRST || seen.is_multiple_of(MALFORMED_LOG_EVERY) {
         tracing::warn!(
             ami = %addr,
             reason = %bad.reason,
@@ -915,30 +933,21 @@ impl Handshake {
     }
 
     async fn banner(&mut self, reader: &mut Reader) -> Result<String, AmiError> {
-        loop {
-            match self.next(reader).await? {
-                Frame::Banner(b) => return Ok(b),
-                Frame::Malformed(bad) => {
-                    self.malformed_seen += 1;
-                    note_malformed(&self.counters, &self.addr, &bad, self.malformed_seen);
-                    return Err(AmiError::Protocol {
-                        addr: self.addr.clone(),
-                        reason: format!(
-                            "expected the `Asterisk Call Manager/...` banner, got {:?}",
-                            bad.sample
-                        ),
-                    });
-                }
-                Frame::Message(m) => {
-                    return Err(AmiError::Protocol {
-                        addr: self.addr.clone(),
-                        reason: format!(
-                            "expected the `Asterisk Call Manager/...` banner, got a message {m:?}"
-                        ),
-                    });
-                }
+        let got = match self.next(reader).await? {
+            Frame::Banner(b) => return Ok(b),
+            Frame::Malformed(bad) => {
+                self.malformed_seen += 1;
+                note_malformed(&self.counters, &self.addr, &bad, self.malformed_seen);
+                format!("{:?}", bad.sample)
             }
-        }
+            Frame::Message(m) => format!("a message {m:?}"),
+        };
+        Err(AmiError::Protocol {
+            addr: self.addr.clone(),
+            reason: format!(
+                "expected the `Asterisk Call Manager/...` banner, got {got} (is this port AMI?)"
+            ),
+        })
     }
 
     /// Send one action and read until its response; events in between are kept.

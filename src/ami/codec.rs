@@ -67,13 +67,24 @@ pub struct Malformed {
 pub type CodecError = std::io::Error;
 
 /// Incremental AMI decoder (and encoder for actions, see [`AmiCodec::encode_action`]).
+///
+/// One pass over the bytes: each line is found once (`memchr` for `\n`, then for
+/// `:`) and its key/value spans are recorded while looking for the end of the
+/// frame, in a scratch vector reused across frames. A finished message costs one
+/// exact-size allocation for its spans and none per field.
 #[derive(Debug, Default)]
 pub struct AmiCodec {
     banner_done: bool,
-    /// Bytes of the current (incomplete) frame already scanned for its end.
+    /// Start of the first line of the current frame not yet split into fields.
+    line_start: usize,
+    /// Bytes of that line already searched for `\n` (resumes `memchr`).
     scanned: usize,
-    /// Length of the current line so far, at `scanned`.
-    line_len: usize,
+    /// Field spans of the current frame so far (offsets from the frame start).
+    fields: Vec<FieldSpan>,
+    /// The current frame is old-style command output (`Response: Follows`): it may
+    /// hold empty lines and ends only after `--END COMMAND--`.
+    follows: bool,
+    end_command_seen: bool,
     /// When set we are dropping an over-limit frame up to the next empty line.
     skipping: Option<Skipping>,
 }
@@ -105,6 +116,15 @@ impl AmiCodec {
         dst.extend_from_slice(&msg.to_wire());
     }
 
+    /// Forget the frame in progress.
+    fn reset_frame(&mut self) {
+        self.line_start = 0;
+        self.scanned = 0;
+        self.fields.clear();
+        self.follows = false;
+        self.end_command_seen = false;
+    }
+
     fn start_skipping(&mut self, reason: MalformedReason, src: &BytesMut) {
         let n = src.len().min(SAMPLE_LEN);
         self.skipping = Some(Skipping {
@@ -113,8 +133,7 @@ impl AmiCodec {
             sample: String::from_utf8_lossy(&src[..n]).into_owned(),
             at_line_start: false,
         });
-        self.scanned = 0;
-        self.line_len = 0;
+        self.reset_frame();
     }
 
     /// Drop bytes of an over-limit frame until an empty line; returns the report when done.
@@ -144,16 +163,15 @@ impl AmiCodec {
         None
     }
 
-    /// Find the end of the frame at the start of `src`: returns (frame length without
-    /// the terminating empty line, total length to consume).
-    fn find_end(&mut self, src: &BytesMut) -> Result<Option<(usize, usize)>, MalformedReason> {
-        let follows = src.starts_with(b"Response: Follows");
-        let mut pos = self.scanned;
+    /// Scan complete lines of the frame at the start of `src`, recording fields.
+    /// Returns (frame length without the closing empty line, bytes to consume) once
+    /// the closing empty line is there.
+    fn scan(&mut self, src: &[u8]) -> Result<Option<(usize, usize)>, MalformedReason> {
         loop {
-            let Some(off) = memchr(b'\n', &src[pos..]) else {
-                self.line_len += src.len() - pos;
+            let ls = self.line_start;
+            let Some(off) = memchr(b'\n', &src[self.scanned..]) else {
                 self.scanned = src.len();
-                if self.line_len > MAX_LINE {
+                if src.len() - ls > MAX_LINE {
                     return Err(MalformedReason::LineTooLong);
                 }
                 if src.len() > MAX_MESSAGE {
@@ -161,111 +179,84 @@ impl AmiCodec {
                 }
                 return Ok(None);
             };
-            let nl = pos + off;
-            self.line_len += off;
-            if self.line_len > MAX_LINE {
+            let nl = self.scanned + off;
+            if nl - ls > MAX_LINE {
                 return Err(MalformedReason::LineTooLong);
             }
             if nl + 1 > MAX_MESSAGE {
                 return Err(MalformedReason::MessageTooLong);
             }
-            // Is the line that starts after this '\n' empty?
-            let next = nl + 1;
-            let empty_len = match src.get(next) {
-                Some(b'\n') => Some(1),
-                Some(b'\r') => match src.get(next + 1) {
-                    Some(b'\n') => Some(2),
-                    Some(_) => None,
-                    // Can't tell yet: rescan from this '\n' when more bytes come.
-                    None => {
-                        self.scanned = nl;
-                        self.line_len = 0;
-                        return Ok(None);
-                    }
-                },
-                Some(_) => None,
-                None => {
-                    self.scanned = nl;
-                    self.line_len = 0;
-                    return Ok(None);
-                }
+            let le = if nl > ls && src[nl - 1] == b'\r' {
+                nl - 1
+            } else {
+                nl
             };
-            if let Some(empty_len) = empty_len {
-                // Old-style command output may hold empty lines: it ends only after
-                // `--END COMMAND--`.
-                if !follows || memchr::memmem::find(&src[..next], END_COMMAND).is_some() {
-                    return Ok(Some((next, next + empty_len)));
-                }
+            self.line_start = nl + 1;
+            self.scanned = nl + 1;
+            if ls == 0 {
+                // Decided on the complete first line, whatever the read sizes.
+                self.follows = src[..le].starts_with(b"Response: Follows");
             }
-            self.line_len = 0;
-            pos = nl + 1;
+            if le == ls {
+                // An empty line ends the frame, except inside old-style command output.
+                if !self.follows || self.end_command_seen {
+                    return Ok(Some((ls, nl + 1)));
+                }
+                continue;
+            }
+            self.push_line(&src[ls..le], ls);
+        }
+    }
+
+    /// Record one non-empty line starting at `ls`.
+    #[inline]
+    fn push_line(&mut self, line: &[u8], ls: usize) {
+        if self.follows
+            && let Some(at) = memchr::memmem::find(line, END_COMMAND)
+        {
+            // `<output>--END COMMAND--`: keep the output part, if any.
+            self.end_command_seen = true;
+            if at > 0 {
+                self.fields.push(output_span(ls, ls + at));
+            }
+            return;
+        }
+        match memchr(b':', line) {
+            Some(colon) => {
+                let mut vs = ls + colon + 1;
+                if line.get(colon + 1) == Some(&b' ') {
+                    vs += 1;
+                }
+                self.fields.push(FieldSpan {
+                    key: Span {
+                        start: ls as u32,
+                        end: (ls + colon) as u32,
+                    },
+                    value: Span {
+                        start: vs as u32,
+                        end: (ls + line.len()) as u32,
+                    },
+                });
+            }
+            None => self.fields.push(output_span(ls, ls + line.len())),
         }
     }
 }
 
-/// Split a checked frame into field spans. Lines without a colon (old `Follows`
-/// command output) become `Output` values; `--END COMMAND--` is dropped.
-fn parse_fields(buf: &[u8]) -> Vec<FieldSpan> {
-    let mut fields = Vec::with_capacity(24);
-    let mut start = 0usize;
-    while start < buf.len() {
-        let end = match memchr(b'\n', &buf[start..]) {
-            Some(off) => start + off,
-            None => buf.len(),
-        };
-        let mut line_end = end;
-        if line_end > start && buf[line_end - 1] == b'\r' {
-            line_end -= 1;
-        }
-        let line = &buf[start..line_end];
-        if !line.is_empty() {
-            match memchr(b':', line) {
-                Some(colon) if !is_end_command(line) => {
-                    let mut vs = start + colon + 1;
-                    if vs < line_end && buf[vs] == b' ' {
-                        vs += 1;
-                    }
-                    fields.push(FieldSpan {
-                        key: Span {
-                            start: start as u32,
-                            end: (start + colon) as u32,
-                        },
-                        value: Span {
-                            start: vs as u32,
-                            end: line_end as u32,
-                        },
-                    });
-                }
-                _ => push_output(&mut fields, line, start),
-            }
-        }
-        start = end + 1;
-    }
-    fields
-}
-
-fn is_end_command(line: &[u8]) -> bool {
-    memchr::memmem::find(line, END_COMMAND).is_some()
-}
-
-/// Old-style command output: the line (minus a trailing `--END COMMAND--`) as `Output`.
-fn push_output(fields: &mut Vec<FieldSpan>, line: &[u8], start: usize) {
-    let text_len = match memchr::memmem::find(line, END_COMMAND) {
-        Some(0) => return,
-        Some(at) => at,
-        None => line.len(),
-    };
-    fields.push(FieldSpan {
-        // An empty key span is read back as the key `Output` (see Message).
+/// A colon-less line of old-style command output. An empty key span is read back as
+/// the key `Output` (see Message).
+#[inline]
+fn output_span(start: usize, end: usize) -> FieldSpan {
+    FieldSpan {
         key: Span {
             start: start as u32,
             end: start as u32,
         },
         value: Span {
             start: start as u32,
-            end: (start + text_len) as u32,
+            end: end as u32,
         },
-    });
+    }
 }
 
 impl Decoder for AmiCodec {
@@ -299,7 +290,7 @@ impl Decoder for AmiCodec {
                 self.banner_done = true;
             }
             // Stray empty lines between messages carry nothing.
-            if self.scanned == 0 {
+            if self.scanned == 0 && self.line_start == 0 {
                 let lead = src
                     .iter()
                     .take_while(|b| **b == b'\r' || **b == b'\n')
@@ -312,11 +303,12 @@ impl Decoder for AmiCodec {
             if src.is_empty() {
                 return Ok(None);
             }
-            match self.find_end(src) {
+            match self.scan(src) {
                 Ok(None) => return Ok(None),
                 Ok(Some((frame_len, consume))) => {
-                    self.scanned = 0;
-                    self.line_len = 0;
+                    // One exact-size allocation for the spans; the scratch is reused.
+                    let fields = self.fields.as_slice().to_vec();
+                    self.reset_frame();
                     let mut frame = src.split_to(consume);
                     frame.truncate(frame_len);
                     let frame: Bytes = frame.freeze();
@@ -328,7 +320,6 @@ impl Decoder for AmiCodec {
                             sample: String::from_utf8_lossy(&frame[..n]).into_owned(),
                         })));
                     }
-                    let fields = parse_fields(&frame);
                     return Ok(Some(Frame::Message(Message::from_checked(frame, fields))));
                 }
                 Err(reason) => {
@@ -348,8 +339,7 @@ impl Decoder for AmiCodec {
                 // A connection closed mid-message leaves a partial frame: it is dropped,
                 // not an error, since the reconnect starts a fresh stream.
                 src.clear();
-                self.scanned = 0;
-                self.line_len = 0;
+                self.reset_frame();
                 self.skipping = None;
                 Ok(None)
             }

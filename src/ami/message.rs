@@ -3,8 +3,8 @@
 //! Asterisk speaks in blocks of `Key: Value` lines closed by an empty line. Keys may
 //! repeat (`ChanVariable(...)`, `Variable`, `Output`) and their order matters, so a
 //! message keeps every field in wire order. The frame bytes are kept once, in a
-//! shared [`Bytes`] buffer, and fields are spans into it: parsing allocates one span
-//! vector per message and nothing per field.
+//! shared [`Bytes`] buffer, and fields are spans into it: parsing allocates one
+//! exact-size span vector per message and nothing per field.
 
 use bytes::Bytes;
 use serde_json::{Map, Value};
@@ -89,11 +89,14 @@ impl Message {
             .map(move |f| self.text(f.value))
     }
 
+    /// Compare a field's key without re-checking UTF-8 (bytes are enough to compare).
     #[inline]
     fn key_is(&self, f: &FieldSpan, key: &str) -> bool {
-        self.key_text(f)
-            .as_bytes()
-            .eq_ignore_ascii_case(key.as_bytes())
+        let k = &self.buf[f.key.start as usize..f.key.end as usize];
+        if k.is_empty() {
+            return key.eq_ignore_ascii_case("Output");
+        }
+        k.eq_ignore_ascii_case(key.as_bytes())
     }
 
     /// The key of a field. An empty key span marks a colon-less line of old-style

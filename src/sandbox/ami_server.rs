@@ -88,6 +88,9 @@ pub struct FakeAmiOptions {
     pub on_login: Option<Replay>,
     /// Send `FullyBooted` after the login response, as Asterisk does.
     pub fully_booted: bool,
+    /// Follow the channels in the events sent to each session, so CoreShowChannels
+    /// lists the live ones (costs a parse of everything sent; benchmarks turn it off).
+    pub track_channels: bool,
 }
 
 impl Default for FakeAmiOptions {
@@ -102,6 +105,7 @@ impl Default for FakeAmiOptions {
             challenge: CHALLENGE.into(),
             on_login: None,
             fully_booted: true,
+            track_channels: true,
         }
     }
 }
@@ -187,7 +191,7 @@ impl Replay {
                     Some((t, off, len))
                 })
                 .collect();
-            recv.sort_by(|a, b| a.1.cmp(&b.1));
+            recv.sort_by_key(|r| r.1);
             let mut t0: Option<f64> = None;
             let mut new_off = 0usize;
             let mut k = 0usize;
@@ -846,7 +850,7 @@ async fn session(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr) {
                     if inner.frozen.load(Ordering::Relaxed) {
                         continue;
                     }
-                    if user.is_some() {
+                    if user.is_some() && inner.opts.track_channels {
                         channels.feed(&b);
                     }
                     if w.write_all(&b).await.is_err() {
