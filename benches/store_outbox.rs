@@ -119,7 +119,10 @@ async fn burst(base: &std::path::Path, sync: Synchronous) {
             for i in (t..CALLS).step_by(64) {
                 for ev in stages(&format!("b{i}")) {
                     let s = Instant::now();
-                    store.enqueue_stage(&ev, &["kommo", "bitrix24"]).await.expect("enqueue");
+                    store
+                        .enqueue_stage(&ev, &["kommo", "bitrix24"])
+                        .await
+                        .expect("enqueue");
                     lat.push(s.elapsed());
                 }
             }
@@ -182,7 +185,13 @@ async fn pipeline(base: &std::path::Path, sync: Synchronous) {
         .iter()
         .map(|s| {
             let c: Arc<dyn Connector> = s.clone();
-            OutboxWorker::spawn(store.clone(), c, None, WorkerConfig::from(&cfg), cancel.clone())
+            OutboxWorker::spawn(
+                store.clone(),
+                c,
+                None,
+                WorkerConfig::from(&cfg),
+                cancel.clone(),
+            )
         })
         .collect();
     let ended: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
@@ -194,7 +203,10 @@ async fn pipeline(base: &std::path::Path, sync: Synchronous) {
             for i in (t..CALLS).step_by(16) {
                 let call = format!("p{i}");
                 for ev in stages(&call) {
-                    store.enqueue_stage(&ev, &["kommo", "bitrix24"]).await.expect("enqueue");
+                    store
+                        .enqueue_stage(&ev, &["kommo", "bitrix24"])
+                        .await
+                        .expect("enqueue");
                 }
                 if let Ok(mut m) = ended.lock() {
                     m.insert(call, Instant::now());
@@ -240,8 +252,13 @@ async fn pipeline(base: &std::path::Path, sync: Synchronous) {
         pct(&mut delays, 0.5),
         pct(&mut delays, 0.99)
     );
-    let size = std::fs::metadata(cfg.db_path()).map(|m| m.len()).unwrap_or(0);
-    println!("         database {} MB after {jobs} jobs", size / 1_000_000);
+    let size = std::fs::metadata(cfg.db_path())
+        .map(|m| m.len())
+        .unwrap_or(0);
+    println!(
+        "         database {} MB after {jobs} jobs",
+        size / 1_000_000
+    );
 }
 
 fn usage() -> (f64, f64) {

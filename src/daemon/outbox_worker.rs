@@ -363,6 +363,15 @@ impl Worker {
         let mut inflight: JoinSet<Outcome> = JoinSet::new();
         // task id → (job id, call id)
         let mut running: HashMap<tokio::task::Id, (i64, String)> = HashMap::new();
+        match self.store.resume_blocked(name).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                crm = name,
+                jobs = n,
+                "retrying jobs put off by an earlier access refusal"
+            ),
+            Err(e) => tracing::warn!(crm = name, error = %e, "cannot read the outbox"),
+        }
         tracing::info!(crm = name, "outbox worker started");
         loop {
             if cancel.is_cancelled() {
@@ -375,7 +384,9 @@ impl Worker {
                 wait = wait.min(Duration::from_millis((gate - now) as u64));
             } else {
                 self.fill(&mut inflight, &mut running, now).await;
-                if inflight.len() < self.cfg.concurrency {
+                // With jobs in flight their completion wakes us anyway; asking only
+                // when idle keeps the loop at one query per finished job.
+                if inflight.is_empty() {
                     match self.store.next_due_at(name).await {
                         Ok(Some(t)) if t > now => {
                             wait = wait.min(Duration::from_millis((t - now) as u64));
@@ -515,14 +526,7 @@ impl Delivery {
         let stats = &self.shared.stats;
         let job = &due.job;
         let (id, call_id, stage) = (job.id, due.call_id.as_str(), job.stage.as_str());
-        let steps = match self.store.job_steps(id).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(crm = name, job_id = id, call_id, stage, error = %e, "cannot load job steps");
-                stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                return Outcome::StoreError;
-            }
-        };
+        let steps = self.store.steps_for(&due);
         let started = Instant::now();
         let res = self.connector.deliver(job, &steps).await;
         stats.deliver_latency.observe(started.elapsed());
