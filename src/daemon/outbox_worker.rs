@@ -507,8 +507,10 @@ impl Worker {
     }
 }
 
+/// Whole milliseconds, rounded up, plus one: timestamps are truncated to the
+/// millisecond, and a CRM's Retry-After must never be undercut.
 fn ms(d: Duration) -> i64 {
-    d.as_millis().min(i64::MAX as u128 / 2) as i64
+    (d.as_micros().div_ceil(1000) + 1).min(i64::MAX as u128 / 2) as i64
 }
 
 /// Everything one delivery task needs.
@@ -718,4 +720,51 @@ pub fn spawn_housekeeping(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let cfg = WorkerConfig {
+            retry_min: Duration::from_secs(2),
+            retry_max: Duration::from_secs(60),
+            ..WorkerConfig::default()
+        };
+        for _ in 0..200 {
+            let b1 = cfg.backoff(1);
+            assert!(
+                b1 >= Duration::from_secs(1) && b1 < Duration::from_secs(2),
+                "{b1:?}"
+            );
+            let b3 = cfg.backoff(3);
+            assert!(
+                b3 >= Duration::from_secs(4) && b3 < Duration::from_secs(8),
+                "{b3:?}"
+            );
+            let b40 = cfg.backoff(40);
+            assert!(
+                b40 >= Duration::from_secs(30) && b40 < Duration::from_secs(60),
+                "{b40:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn histogram_renders_cumulative_buckets() {
+        let h = Histogram::default();
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_millis(70));
+        let mut out = String::new();
+        h.render(&mut out, "x", "crm=\"k\"");
+        assert!(
+            out.contains("x_bucket{crm=\"k\",le=\"0.005\"} 1\n"),
+            "{out}"
+        );
+        assert!(out.contains("x_bucket{crm=\"k\",le=\"0.1\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{crm=\"k\",le=\"+Inf\"} 2\n"), "{out}");
+        assert!(out.contains("x_count{crm=\"k\"} 2\n"), "{out}");
+    }
 }
