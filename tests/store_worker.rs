@@ -489,6 +489,38 @@ async fn blocked_crm_stops_the_connector_keeps_jobs_and_resumes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_retries_blocked_jobs_at_once() {
+    let (_d, _cfg, store) = temp_store();
+    let crm = TestCrm::new("kommo");
+    crm.script_all(vec![Answer::Block]);
+    let cfg = WorkerConfig {
+        blocked_pause: Duration::from_secs(3600),
+        ..fast()
+    };
+    let (w, cancel) = spawn(&store, &crm, cfg.clone());
+    let id = store
+        .enqueue_stage(&event("r", Stage::CallEnded, None), &["kommo"])
+        .await
+        .unwrap()[0];
+    assert!(
+        eventually(WAIT, || matches!(
+            w.status().state,
+            ConnectorState::Blocked { .. }
+        ))
+        .await
+    );
+    cancel.cancel();
+    w.join().await;
+    assert!(store.job(id).await.unwrap().next_attempt_at > now_ms() + 3_000_000);
+    // the admin fixed the account and restarted the daemon
+    let (w, cancel) = spawn(&store, &crm, cfg);
+    wait_drained(&store, WAIT).await;
+    assert_eq!(crm.seen().len(), 2);
+    cancel.cancel();
+    w.join().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_the_in_flight_job() {
     let (_d, _cfg, store) = temp_store();
     let crm = TestCrm::new("kommo");

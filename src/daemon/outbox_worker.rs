@@ -363,6 +363,15 @@ impl Worker {
         let mut inflight: JoinSet<Outcome> = JoinSet::new();
         // task id → (job id, call id)
         let mut running: HashMap<tokio::task::Id, (i64, String)> = HashMap::new();
+        match self.store.resume_blocked(name).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                crm = name,
+                jobs = n,
+                "retrying jobs put off by an earlier access refusal"
+            ),
+            Err(e) => tracing::warn!(crm = name, error = %e, "cannot read the outbox"),
+        }
         tracing::info!(crm = name, "outbox worker started");
         loop {
             if cancel.is_cancelled() {
@@ -375,7 +384,9 @@ impl Worker {
                 wait = wait.min(Duration::from_millis((gate - now) as u64));
             } else {
                 self.fill(&mut inflight, &mut running, now).await;
-                if inflight.len() < self.cfg.concurrency {
+                // With jobs in flight their completion wakes us anyway; asking only
+                // when idle keeps the loop at one query per finished job.
+                if inflight.is_empty() {
                     match self.store.next_due_at(name).await {
                         Ok(Some(t)) if t > now => {
                             wait = wait.min(Duration::from_millis((t - now) as u64));
@@ -496,8 +507,10 @@ impl Worker {
     }
 }
 
+/// Whole milliseconds, rounded up, plus one: timestamps are truncated to the
+/// millisecond, and a CRM's Retry-After must never be undercut.
 fn ms(d: Duration) -> i64 {
-    d.as_millis().min(i64::MAX as u128 / 2) as i64
+    (d.as_micros().div_ceil(1000) + 1).min(i64::MAX as u128 / 2) as i64
 }
 
 /// Everything one delivery task needs.
@@ -515,14 +528,7 @@ impl Delivery {
         let stats = &self.shared.stats;
         let job = &due.job;
         let (id, call_id, stage) = (job.id, due.call_id.as_str(), job.stage.as_str());
-        let steps = match self.store.job_steps(id).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(crm = name, job_id = id, call_id, stage, error = %e, "cannot load job steps");
-                stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                return Outcome::StoreError;
-            }
-        };
+        let steps = self.store.steps_for(&due);
         let started = Instant::now();
         let res = self.connector.deliver(job, &steps).await;
         stats.deliver_latency.observe(started.elapsed());
@@ -714,4 +720,51 @@ pub fn spawn_housekeeping(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let cfg = WorkerConfig {
+            retry_min: Duration::from_secs(2),
+            retry_max: Duration::from_secs(60),
+            ..WorkerConfig::default()
+        };
+        for _ in 0..200 {
+            let b1 = cfg.backoff(1);
+            assert!(
+                b1 >= Duration::from_secs(1) && b1 < Duration::from_secs(2),
+                "{b1:?}"
+            );
+            let b3 = cfg.backoff(3);
+            assert!(
+                b3 >= Duration::from_secs(4) && b3 < Duration::from_secs(8),
+                "{b3:?}"
+            );
+            let b40 = cfg.backoff(40);
+            assert!(
+                b40 >= Duration::from_secs(30) && b40 < Duration::from_secs(60),
+                "{b40:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn histogram_renders_cumulative_buckets() {
+        let h = Histogram::default();
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_millis(70));
+        let mut out = String::new();
+        h.render(&mut out, "x", "crm=\"k\"");
+        assert!(
+            out.contains("x_bucket{crm=\"k\",le=\"0.005\"} 1\n"),
+            "{out}"
+        );
+        assert!(out.contains("x_bucket{crm=\"k\",le=\"0.1\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{crm=\"k\",le=\"+Inf\"} 2\n"), "{out}");
+        assert!(out.contains("x_count{crm=\"k\"} 2\n"), "{out}");
+    }
 }

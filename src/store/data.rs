@@ -74,6 +74,15 @@ pub struct JournalEntry {
 }
 
 impl Store {
+    /// The durable steps of a job handed out by [`Store::due_jobs`] (already loaded).
+    pub fn steps_for(&self, due: &super::DueJob) -> StoreJobSteps {
+        StoreJobSteps {
+            store: self.clone(),
+            job_id: due.job.id,
+            done: Mutex::new(due.steps.clone()),
+        }
+    }
+
     /// The step results of job `job_id`, for `Connector::deliver`.
     pub async fn job_steps(&self, job_id: i64) -> Result<StoreJobSteps, StoreError> {
         let done = self

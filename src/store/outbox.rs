@@ -1,7 +1,7 @@
 //! The durable outbox: one row per (CRM, call, stage, conversation), written before
 //! anything is sent and finished only by the worker that delivered it (or the admin).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -90,6 +90,8 @@ pub struct DueJob {
     /// Unix ms when the current attempt window began (enqueue, or the last
     /// `kolokol outbox retry`): the age limit counts from here.
     pub window_start: i64,
+    /// Step results recorded by earlier attempts (see [`Store::steps_for`]).
+    pub steps: HashMap<String, Value>,
 }
 
 /// Which jobs `list` shows.
@@ -275,10 +277,13 @@ impl Store {
         let ids = self
             .call(move |c| {
                 let now = now_ms();
+                // A job waits (held) while an earlier job of its call is unfinished;
+                // finishing that one releases it (`release_next`).
                 let mut insert = c.prepare_cached(
                     "INSERT INTO outbox (connector, call_id, stage, conversation_id, payload, \
-                     idempotency_key, next_attempt_at, created_at, updated_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7) \
+                     idempotency_key, next_attempt_at, created_at, updated_at, held) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, EXISTS (SELECT 1 FROM outbox p \
+                     WHERE p.connector = ?1 AND p.call_id = ?2 AND p.state IN ('pending', 'dead'))) \
                      ON CONFLICT (idempotency_key) DO NOTHING",
                 )?;
                 let mut lookup =
@@ -316,13 +321,14 @@ impl Store {
     ) -> Result<Vec<DueJob>, StoreError> {
         let connector = connector.to_string();
         self.call(move |c| {
-            let mut st = c.prepare_cached(&format!(
+            let mut st = c.prepare_cached(
                 "SELECT o.id, o.connector, o.stage, o.conversation_id, o.payload, o.attempts, \
                  o.call_id, COALESCE(o.retried_at, o.created_at) FROM outbox o \
-                 WHERE o.connector = ?1 AND o.state = 'pending' AND o.next_attempt_at <= ?2 \
-                 AND NOT EXISTS ({EARLIER_UNFINISHED}) \
-                 ORDER BY o.next_attempt_at, o.id LIMIT ?3"
-            ))?;
+                 WHERE o.connector = ?1 AND o.state = 'pending' AND o.held = 0 \
+                 AND o.next_attempt_at <= ?2 ORDER BY o.next_attempt_at, o.id LIMIT ?3",
+            )?;
+            let mut steps_st =
+                c.prepare_cached("SELECT step, result FROM job_steps WHERE job_id = ?1")?;
             let rows = st.query_map(params![connector, now_ms, limit as i64], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
@@ -338,7 +344,18 @@ impl Store {
                 let (id, connector, payload, attempts, call_id, window_start) = row?;
                 let event: StageEvent =
                     serde_json::from_str(&payload).map_err(json_err("outbox payload"))?;
+                let mut steps = HashMap::new();
+                let rows = steps_st.query_map([id], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })?;
+                for row in rows {
+                    let (step, text) = row?;
+                    let v: Value =
+                        serde_json::from_str(&text).map_err(json_err("job step result"))?;
+                    steps.insert(step, v);
+                }
                 out.push(DueJob {
+                    steps,
                     job: Job {
                         id,
                         connector,
@@ -361,11 +378,10 @@ impl Store {
     pub async fn next_due_at(&self, connector: &str) -> Result<Option<i64>, StoreError> {
         let connector = connector.to_string();
         self.call(move |c| {
-            Ok(c.prepare_cached(&format!(
-                "SELECT MIN(o.next_attempt_at) FROM outbox o \
-                 WHERE o.connector = ?1 AND o.state = 'pending' \
-                 AND NOT EXISTS ({EARLIER_UNFINISHED})"
-            ))?
+            Ok(c.prepare_cached(
+                "SELECT MIN(next_attempt_at) FROM outbox \
+                 WHERE connector = ?1 AND state = 'pending' AND held = 0",
+            )?
             .query_row([connector], |r| r.get::<_, Option<i64>>(0))?)
         })
         .await
@@ -388,6 +404,7 @@ impl Store {
                     id,
                     serde_json::json!({"state": "done", "report": report}),
                 )?;
+                release_next(c, id)?;
             }
             Ok(())
         })
@@ -438,6 +455,22 @@ impl Store {
         .await
     }
 
+    /// Make jobs of `connector` that were put off because the CRM refused access due
+    /// now (at start: the admin may have fixed the credentials and restarted).
+    /// Returns how many.
+    pub async fn resume_blocked(&self, connector: &str) -> Result<usize, StoreError> {
+        let connector = connector.to_string();
+        self.call(move |c| {
+            let now = now_ms();
+            Ok(c.execute(
+                "UPDATE outbox SET next_attempt_at = ?2 WHERE connector = ?1 AND state = 'pending' \
+                 AND held = 0 AND next_attempt_at > ?2 AND last_error LIKE 'blocked: %'",
+                params![connector, now],
+            )?)
+        })
+        .await
+    }
+
     /// Give up on a job after an attempt (rejected, or out of attempts/time): it stays
     /// visible in `kolokol outbox list` and can be retried.
     pub async fn mark_dead(&self, id: i64, reason: &str) -> Result<(), StoreError> {
@@ -477,6 +510,8 @@ impl Store {
                      retried_at = ?2, updated_at = ?2 WHERE id = ?1",
                     params![id, now],
                 )?;
+                // A retried job that waits behind its call's earlier jobs stays held.
+                release_next(c, id)?;
                 get_job(c, id)
             })
             .await?;
@@ -501,6 +536,7 @@ impl Store {
                     params![id, now_ms()],
                 )?;
                 journal_outcome(c, id, serde_json::json!({"state": "dropped"}))?;
+                release_next(c, id)?;
                 get_job(c, id)
             })
             .await?;
@@ -596,6 +632,28 @@ impl Store {
         })
         .await
     }
+}
+
+/// After job `id` changed state: un-hold the first unfinished job of its call (if it
+/// is pending and held), so exactly one job per call and connector is sendable.
+fn release_next(c: &Connection, id: i64) -> Result<(), StoreError> {
+    let head: Option<(i64, String, bool)> = c
+        .prepare_cached(
+            "SELECT n.id, n.state, n.held FROM outbox o JOIN outbox n \
+             ON n.connector = o.connector AND n.call_id = o.call_id \
+             WHERE o.id = ?1 AND n.state IN ('pending', 'dead') ORDER BY n.id LIMIT 1",
+        )?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    if let Some((head, state, true)) = head
+        && state == "pending"
+    {
+        c.prepare_cached(
+            "UPDATE outbox SET held = 0, next_attempt_at = MAX(next_attempt_at, ?2) WHERE id = ?1",
+        )?
+        .execute(params![head, now_ms()])?;
+    }
+    Ok(())
 }
 
 fn get_job(c: &Connection, id: i64) -> Result<OutboxJob, StoreError> {

@@ -25,12 +25,16 @@ const MIGRATIONS: &[&str] = &[
         report          TEXT,                        -- what the CRM answered (JSON), when done
         state           TEXT    NOT NULL DEFAULT 'pending'
                         CHECK (state IN ('pending', 'done', 'dead', 'dropped')),
+        held            INTEGER NOT NULL DEFAULT 0,  -- 1 while an earlier job of the call is unfinished
         created_at      INTEGER NOT NULL,            -- unix ms
         retried_at      INTEGER,                     -- unix ms of the last admin retry
         updated_at      INTEGER NOT NULL             -- unix ms
     );
-    -- The workers' query: due pending jobs of one connector.
-    CREATE INDEX outbox_due ON outbox (connector, state, next_attempt_at);
+    -- The workers' query: due jobs of one connector that are not held behind their
+    -- call's earlier jobs (a partial index: only what can be sent is in it).
+    CREATE INDEX outbox_due ON outbox (connector, next_attempt_at)
+        WHERE state = 'pending' AND held = 0;
+    CREATE INDEX outbox_state ON outbox (state, connector);
     -- Per-call ordering: earlier unfinished jobs of the same call.
     CREATE INDEX outbox_call ON outbox (connector, call_id, id);
 

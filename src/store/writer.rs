@@ -37,7 +37,7 @@ struct FnOp<F, T> {
     out: Option<Result<T, StoreError>>,
     reply: Option<Reply<T>>,
     /// Held until the op is finished: this is what bounds the queue.
-    _permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl<F, T> Op for FnOp<F, T>
@@ -70,6 +70,8 @@ where
             (Err(e), Some(Ok(_))) => Err(StoreError::Batch(e.to_string())),
             (_, None) => Err(StoreError::Batch("operation did not run".into())),
         };
+        // Free the queue slot before the caller can observe the result.
+        drop(self.permit.take());
         match self.reply.take() {
             Some(Reply::Async(tx)) => {
                 let _ = tx.send(out);
@@ -119,7 +121,7 @@ impl Writer {
             f: Some(f),
             out: None,
             reply: Some(Reply::Async(tx)),
-            _permit: Some(permit),
+            permit: Some(permit),
         };
         self.tx.send(Box::new(op)).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -142,7 +144,7 @@ impl Writer {
             f: Some(f),
             out: None,
             reply: Some(Reply::Sync(tx)),
-            _permit: None,
+            permit: None,
         };
         self.tx.send(Box::new(op)).map_err(|_| StoreError::Closed)?;
         let wait = move || rx.recv().map_err(|_| StoreError::Closed)?;
