@@ -760,3 +760,80 @@ fn readme_dialplan_matches_the_recorded_snippet() {
         "${CURL(http://127.0.0.1:8088/autodistribution?phone=${CALLERID(num)}&trunk=${EXTEN})}"
     ));
 }
+
+/// A CRM connector that only answers lookups (the other methods are not used here).
+struct LookupOnly {
+    name: &'static str,
+    answer: Result<Option<Responsible>, ()>,
+}
+
+impl kolokol::crm::Connector for LookupOnly {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn wants(&self, _stage: kolokol::calls::Stage) -> bool {
+        false
+    }
+    fn deliver<'a>(
+        &'a self,
+        _job: &'a kolokol::crm::Job,
+        _steps: &'a dyn kolokol::crm::JobSteps,
+    ) -> BoxFuture<'a, Result<kolokol::crm::DeliveryReport, kolokol::crm::CrmError>> {
+        Box::pin(async {
+            Err(kolokol::crm::CrmError::Rejected {
+                message: "lookup-only test connector".into(),
+            })
+        })
+    }
+    fn find_responsible<'a>(
+        &'a self,
+        _phone: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Responsible>, kolokol::crm::CrmError>> {
+        Box::pin(async move {
+            self.answer
+                .clone()
+                .map_err(|_| kolokol::crm::CrmError::Retryable {
+                    message: "timeout".into(),
+                    retry_after: None,
+                })
+        })
+    }
+}
+
+#[tokio::test]
+async fn crm_lookup_asks_each_crm_and_trusts_not_found_only_when_all_answered() {
+    use kolokol::agi::CrmLookup;
+    use kolokol::crm::Connector;
+    let down = || {
+        Arc::new(LookupOnly {
+            name: "kommo",
+            answer: Err(()),
+        }) as Arc<dyn Connector>
+    };
+    let none = || {
+        Arc::new(LookupOnly {
+            name: "bitrix24",
+            answer: Ok(None),
+        }) as Arc<dyn Connector>
+    };
+    let found = || {
+        Arc::new(LookupOnly {
+            name: "bitrix24",
+            answer: Ok(Some(responsible("105", "B24 client"))),
+        }) as Arc<dyn Connector>
+    };
+    let l = CrmLookup::new(vec![down(), found()]);
+    assert_eq!(
+        l.find_responsible("79161234567")
+            .await
+            .unwrap()
+            .unwrap()
+            .extension,
+        "105"
+    );
+    let l = CrmLookup::new(vec![none(), none()]);
+    assert!(l.find_responsible("79161234567").await.unwrap().is_none());
+    let l = CrmLookup::new(vec![down(), none()]);
+    let err = l.find_responsible("79161234567").await.unwrap_err();
+    assert!(err.to_string().contains("kommo"), "{err}");
+}

@@ -460,7 +460,7 @@ impl AutodistHandler {
             .or_else(|| known(env.get("agi_extension")))
             .unwrap_or("")
             .to_string();
-        let mut data = Map::new();
+        let mut data = Map::with_capacity(env.vars.len() + 1);
         for (k, v) in &env.vars {
             data.insert(k.clone(), json!(v));
         }
@@ -491,6 +491,8 @@ impl AgiHandler for AutodistHandler {
             let started = Instant::now();
             // Watch the socket while deciding: a HANGUP (or EOF) means the caller left.
             let route = tokio::select! {
+                // Route first: a cache hit is ready at once and the socket is not polled.
+                biased;
                 r = self.auto.route(&req) => r,
                 gone = session.conn.caller_gone() => {
                     gone?;

@@ -294,7 +294,8 @@ pub struct AgiConn<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> AgiConn<S> {
     pub fn new(stream: S, limits: AgiLimits) -> Self {
         AgiConn {
-            io: BufReader::with_capacity(4096, stream),
+            // Asterisk's environment block is ~550 bytes; longer lines just take more reads.
+            io: BufReader::with_capacity(1024, stream),
             limits,
             line: Vec::with_capacity(256),
             hung_up: false,
