@@ -53,6 +53,7 @@ struct Opts {
     server_threads: usize,
     gen_threads: usize,
     only_kolokol: bool,
+    only_trivial: bool,
 }
 
 fn opts() -> Opts {
@@ -63,6 +64,7 @@ fn opts() -> Opts {
         server_threads: 1,
         gen_threads: 1,
         only_kolokol: false,
+        only_trivial: false,
     };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -84,6 +86,7 @@ fn opts() -> Opts {
             }
             "--no-python" => o.python = false,
             "--only-kolokol" => o.only_kolokol = true,
+            "--only-trivial" => o.only_trivial = true,
             "--server-threads" => {
                 o.server_threads = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(1);
                 i += 1;
@@ -196,6 +199,40 @@ async fn load(name: &str, addr: SocketAddr, o: &Opts) -> Stats {
     }
 }
 
+/// Open-loop latency: start one session every `1/rate` s for `secs`, whatever the
+/// server does, and report p50/p99 connect-to-close (unlike the closed loop above, where
+/// latency is bounded below by concurrency / throughput).
+async fn paced(addr: SocketAddr, rate: u32, secs: f64) -> (u64, u64, usize) {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let n = (rate as f64 * secs) as usize;
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        tick.tick().await;
+        tasks.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            match tokio::time::timeout(Duration::from_secs(5), session(addr)).await {
+                Ok(Ok(true)) => Some(t0.elapsed().as_micros() as u64),
+                _ => None,
+            }
+        }));
+    }
+    let mut lat = Vec::with_capacity(n);
+    let mut errors = 0;
+    for t in tasks {
+        match t.await {
+            Ok(Some(l)) => lat.push(l),
+            _ => errors += 1,
+        }
+    }
+    lat.sort_unstable();
+    if lat.is_empty() {
+        return (0, 0, errors);
+    }
+    let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
+    (p(0.5), p(0.99), errors)
+}
+
 /// The generator's ceiling: read the header, write the canned lines, close.
 async fn trivial_server(listener: TcpListener) {
     loop {
@@ -259,12 +296,11 @@ fn start_kolokol(rt: &tokio::runtime::Runtime) -> SocketAddr {
                 entity: serde_json::Value::Null,
             },
         );
-        let auto = Arc::new(Autodistributor::new(
-            &config,
-            Arc::new(Table),
-            cache,
-            Arc::new(NoCustomizations),
-        ));
+        let auto = Arc::new(
+            Autodistributor::new(&config, Arc::new(Table), cache, Arc::new(NoCustomizations))
+                // A default install: no autodistribution customization script.
+                .with_customization(false),
+        );
         let server = AgiServer::bind(&config)
             .await
             .expect("bind 127.0.0.1:0")
@@ -439,6 +475,8 @@ fn main() {
         ),
         measure(&gen_rt, "kolokol", ours, &o, (me, "srv")),
     ];
+    let rate = 500;
+    let mut paced_rows = vec![("kolokol", gen_rt.block_on(paced(ours, rate, 2.0)))];
     if o.python {
         match start_panoramisk() {
             Ok((mut peer, addr)) => {
@@ -450,6 +488,7 @@ fn main() {
                     &o,
                     (pid, ""),
                 ));
+                paced_rows.push(("panoramisk", gen_rt.block_on(paced(addr, rate, 2.0))));
                 let _ = peer.child.kill();
                 let _ = peer.child.wait();
             }
@@ -472,6 +511,17 @@ fn main() {
             srv_us,
             gen_us,
             s.errors
+        );
+    }
+    println!();
+    println!("Open loop, {rate} sessions/s offered for 2 s:");
+    println!("| server | p50 | p99 | errors |");
+    println!("|---|---:|---:|---:|");
+    for (name, (p50, p99, errors)) in &paced_rows {
+        println!(
+            "| {name} | {:.2} ms | {:.2} ms | {errors} |",
+            *p50 as f64 / 1000.0,
+            *p99 as f64 / 1000.0
         );
     }
     let (ours, our_cpu, _) = &results[1];

@@ -837,3 +837,24 @@ async fn crm_lookup_asks_each_crm_and_trusts_not_found_only_when_all_answered() 
     let err = l.find_responsible("79161234567").await.unwrap_err();
     assert!(err.to_string().contains("kommo"), "{err}");
 }
+
+#[tokio::test]
+async fn without_an_installed_customization_the_hook_is_skipped() {
+    let hook = Arc::new(ScriptedHook {
+        answer: HookOutcome::Data(json!({"number": "103"})),
+        inputs: Mutex::new(Vec::new()),
+    });
+    let config = test_config();
+    let cache = Arc::new(ResponsibleCache::from_config(&config));
+    let lookup = Arc::new(TableLookup::with("79161234567", "102", "Ivan Petrov"));
+    let auto = Autodistributor::new(&config, lookup, cache, hook.clone()).with_customization(false);
+    let route = auto
+        .route(&kolokol::agi::AutodistRequest {
+            phone: "79161234567".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(route.number, "102");
+    assert!(hook.inputs.lock().unwrap().is_empty());
+}
