@@ -431,9 +431,11 @@ async fn kommo_endpoint_checks_token_body_and_user() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let sent = rec.0.lock().unwrap();
-    assert_eq!(sent[0].get("Channel"), Some("PJSIP/102"));
-    assert_eq!(sent[0].get("Exten"), Some("79161234567"));
+    {
+        let sent = rec.0.lock().unwrap();
+        assert_eq!(sent[0].get("Channel"), Some("PJSIP/102"));
+        assert_eq!(sent[0].get("Exten"), Some("79161234567"));
+    }
 
     let disabled = serve_kommo("", rec.clone()).await;
     let r = client

@@ -124,10 +124,10 @@ impl AgiEnv {
             if !valid_key {
                 return Err(AgiError::garbage(line.as_bytes()));
             }
-            if let Some(n) = key.strip_prefix("agi_arg_") {
-                if let Ok(n) = n.parse::<u32>() {
-                    numbered_args.push((n, value.to_string()));
-                }
+            if let Some(n) = key.strip_prefix("agi_arg_")
+                && let Ok(n) = n.parse::<u32>()
+            {
+                numbered_args.push((n, value.to_string()));
             }
             spans.push((
                 start as u32,

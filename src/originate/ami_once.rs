@@ -152,10 +152,10 @@ impl AmiSession {
         limit: Duration,
         mut pred: impl FnMut(&Message) -> bool,
     ) -> Result<Message, OriginateError> {
-        if let Some(i) = self.backlog.iter().position(&mut pred) {
-            if let Some(m) = self.backlog.remove(i) {
-                return Ok(m);
-            }
+        if let Some(i) = self.backlog.iter().position(&mut pred)
+            && let Some(m) = self.backlog.remove(i)
+        {
+            return Ok(m);
         }
         let wait = async {
             loop {
