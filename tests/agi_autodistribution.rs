@@ -325,7 +325,7 @@ async fn slow_crm_misses_the_deadline_then_its_answer_serves_the_next_call() {
         ..test_config()
     };
     let mut table = TableLookup::with("79161234567", "102", "Ivan Petrov");
-    table.delay = Duration::from_millis(400);
+    table.delay = Duration::from_millis(800);
     let lookup = Arc::new(table);
     let srv = start(config, lookup.clone(), Arc::new(NoCustomizations)).await;
 
@@ -336,12 +336,12 @@ async fn slow_crm_misses_the_deadline_then_its_answer_serves_the_next_call() {
     assert!(closed);
     assert!(took >= Duration::from_millis(150), "{took:?}");
     assert!(
-        took < Duration::from_millis(390),
+        took < Duration::from_millis(700),
         "returned at the deadline, not after the CRM: {took:?}"
     );
 
     // The lookup went on in the background and filled the cache.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
     let (written, _) = play(
         srv.addr,
         fixture_header(),
@@ -441,7 +441,7 @@ async fn customization_can_cancel_and_sees_the_crm_error() {
 #[tokio::test]
 async fn hangup_while_looking_up_ends_the_session_without_commands() {
     let mut table = TableLookup::with("79161234567", "102", "");
-    table.delay = Duration::from_millis(300);
+    table.delay = Duration::from_secs(2);
     let srv = start(test_config(), Arc::new(table), Arc::new(NoCustomizations)).await;
     let mut s = TcpStream::connect(srv.addr).await.unwrap();
     s.write_all(fixture_header()).await.unwrap();
@@ -451,7 +451,7 @@ async fn hangup_while_looking_up_ends_the_session_without_commands() {
     assert!(out.is_empty(), "{:?}", String::from_utf8_lossy(&out));
     assert!(closed);
     assert!(
-        t0.elapsed() < Duration::from_millis(290),
+        t0.elapsed() < Duration::from_millis(1500),
         "did not wait for the lookup"
     );
 }
