@@ -431,9 +431,11 @@ async fn kommo_endpoint_checks_token_body_and_user() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let sent = rec.0.lock().unwrap();
-    assert_eq!(sent[0].get("Channel"), Some("PJSIP/102"));
-    assert_eq!(sent[0].get("Exten"), Some("79161234567"));
+    {
+        let sent = rec.0.lock().unwrap();
+        assert_eq!(sent[0].get("Channel"), Some("PJSIP/102"));
+        assert_eq!(sent[0].get("Exten"), Some("79161234567"));
+    }
 
     let disabled = serve_kommo("", rec.clone()).await;
     let r = client
@@ -547,4 +549,40 @@ async fn cli_reports_a_busy_employee_clearly() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("busy"), "{stderr}");
+}
+
+#[tokio::test]
+async fn one_shot_originator_reports_the_outcome_and_logs_off() {
+    use kolokol::originate::OriginateOutcome;
+    use kolokol::originate::ami_once::OneShotOriginator;
+    let (listener, addr) = fake_listener().await;
+    let server = tokio::spawn(fake_asterisk(listener));
+    let (tx, rx) = tokio::sync::oneshot::channel::<(String, OriginateOutcome)>();
+    let tx = Mutex::new(Some(tx));
+    let orig = Arc::new(OneShotOriginator {
+        ami: ami_config(addr),
+        step_timeout: Duration::from_secs(5),
+        outcome_timeout: Duration::from_secs(5),
+        sink: Some(Arc::new(move |id, o| {
+            if let Some(tx) = tx.lock().unwrap().take() {
+                let _ = tx.send((id, o));
+            }
+        })),
+    });
+    let c2c = ClickToCall::new(OriginateConfig::default(), Arc::new(NoCustomizations), orig);
+    c2c.start(request("abc123")).await.unwrap();
+    let (id, o) = tokio::time::timeout(Duration::from_secs(5), rx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(id, "abc123");
+    assert!(
+        matches!(o, OriginateOutcome::Answered { ref uniqueid, .. } if uniqueid == "1795304994.26")
+    );
+    // The whole recorded exchange, Logoff included.
+    let got = tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, SENT);
 }

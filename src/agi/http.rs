@@ -54,10 +54,10 @@ async fn autodistribution(
         Some(route) => {
             let mut headers = plain();
             // Header values must be visible ASCII; a name that is not stays out.
-            if let Ok(v) = HeaderValue::from_str(&route.name) {
-                if !route.name.is_empty() {
-                    headers.insert("x-kolokol-name", v);
-                }
+            if !route.name.is_empty()
+                && let Ok(v) = HeaderValue::from_str(&route.name)
+            {
+                headers.insert("x-kolokol-name", v);
             }
             (StatusCode::OK, headers, route.number).into_response()
         }

@@ -73,11 +73,13 @@ impl AgiError {
     }
 }
 
-/// The `agi_*` environment of one session.
+/// The `agi_*` environment of one session. The block is kept as one string and the
+/// pairs as spans into it (one allocation instead of two per line).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AgiEnv {
-    /// Every `agi_*` pair, in wire order, values exactly as sent.
-    pub vars: Vec<(String, String)>,
+    raw: String,
+    /// `(key_start, key_end, value_start, value_end)` into `raw`, in wire order.
+    spans: Vec<(u32, u32, u32, u32)>,
     /// Script name from `agi_network_script` without the leading `/` and the query.
     pub script: String,
     /// Decoded `?query` parameters of `agi_network_script`, in order.
@@ -89,47 +91,84 @@ pub struct AgiEnv {
 impl AgiEnv {
     /// Build from the header lines (without line ends, without the closing empty line).
     pub fn from_lines<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<AgiEnv, AgiError> {
-        let mut env = AgiEnv::default();
+        let mut raw = String::new();
+        for l in lines {
+            raw.push_str(l);
+            raw.push('\n');
+        }
+        AgiEnv::parse(raw)
+    }
+
+    /// Parse a block of `\n`-terminated header lines.
+    fn parse(raw: String) -> Result<AgiEnv, AgiError> {
+        let mut spans = Vec::with_capacity(24);
         let mut numbered_args: Vec<(u32, String)> = Vec::new();
-        for line in lines {
-            let Some((key, value)) = line.split_once(':') else {
+        let mut pos = 0usize;
+        for line in raw.split_terminator('\n') {
+            let start = pos;
+            pos += line.len() + 1;
+            let Some(colon) = line.find(':') else {
                 return Err(AgiError::garbage(line.as_bytes()));
             };
+            let key = &line[..colon];
             // Asterisk writes "key: value"; an empty value is "key: " (fixture 12).
-            let value = value.strip_prefix(' ').unwrap_or(value);
+            let vstart = if line[colon + 1..].starts_with(' ') {
+                colon + 2
+            } else {
+                colon + 1
+            };
+            let value = &line[vstart..];
             let valid_key = key.starts_with("agi_")
                 && key.len() <= 64
                 && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
             if !valid_key {
                 return Err(AgiError::garbage(line.as_bytes()));
             }
-            if let Some(n) = key.strip_prefix("agi_arg_") {
-                if let Ok(n) = n.parse::<u32>() {
-                    numbered_args.push((n, value.to_string()));
-                }
+            if let Some(n) = key.strip_prefix("agi_arg_")
+                && let Ok(n) = n.parse::<u32>()
+            {
+                numbered_args.push((n, value.to_string()));
             }
-            env.vars.push((key.to_string(), value.to_string()));
+            spans.push((
+                start as u32,
+                (start + colon) as u32,
+                (start + vstart) as u32,
+                (start + line.len()) as u32,
+            ));
         }
         numbered_args.sort_by_key(|(n, _)| *n);
-        env.args = numbered_args.into_iter().map(|(_, v)| v).collect();
-        let full = env.get("agi_network_script").unwrap_or("").to_string();
+        let mut env = AgiEnv {
+            raw,
+            spans,
+            script: String::new(),
+            query: Vec::new(),
+            args: numbered_args.into_iter().map(|(_, v)| v).collect(),
+        };
+        let full = env.get("agi_network_script").unwrap_or("");
         let (path, query) = match full.split_once('?') {
             Some((p, q)) => (p, Some(q)),
-            None => (full.as_str(), None),
+            None => (full, None),
         };
-        env.script = path.trim_start_matches('/').to_string();
-        if let Some(q) = query {
-            env.query = parse_query(q);
-        }
+        let script = path.trim_start_matches('/').to_string();
+        let query = query.map(parse_query).unwrap_or_default();
+        env.script = script;
+        env.query = query;
         Ok(env)
+    }
+
+    /// Every `agi_*` pair, in wire order, values exactly as sent.
+    pub fn vars(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + '_ {
+        self.spans.iter().map(move |&(ks, ke, vs, ve)| {
+            (
+                &self.raw[ks as usize..ke as usize],
+                &self.raw[vs as usize..ve as usize],
+            )
+        })
     }
 
     /// The value of `key` (e.g. `agi_callerid`), if sent.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.vars
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.vars().find(|(k, _)| *k == key).map(|(_, v)| v)
     }
 
     /// A `?query` parameter of the script URL.
@@ -294,7 +333,8 @@ pub struct AgiConn<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> AgiConn<S> {
     pub fn new(stream: S, limits: AgiLimits) -> Self {
         AgiConn {
-            io: BufReader::with_capacity(4096, stream),
+            // Asterisk's environment block is ~550 bytes; longer lines just take more reads.
+            io: BufReader::with_capacity(1024, stream),
             limits,
             line: Vec::with_capacity(256),
             hung_up: false,
@@ -306,15 +346,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AgiConn<S> {
         self.hung_up
     }
 
-    /// Read one line of at most `max_line_bytes`; `Ok(None)` on a clean EOF between lines.
-    async fn read_line(&mut self) -> Result<Option<String>, AgiError> {
+    /// Read one line of at most `max_line_bytes` into `self.line` (without its line
+    /// end); `Ok(false)` on a clean EOF between lines.
+    async fn read_line(&mut self) -> Result<bool, AgiError> {
         self.line.clear();
         let max = self.limits.max_line_bytes;
         loop {
             let buf = self.io.fill_buf().await?;
             if buf.is_empty() {
                 return if self.line.is_empty() {
-                    Ok(None)
+                    Ok(false)
                 } else {
                     Err(AgiError::Closed)
                 };
@@ -341,10 +382,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AgiConn<S> {
         if self.line.last() == Some(&b'\r') {
             self.line.pop();
         }
-        match std::str::from_utf8(&self.line) {
-            Ok(s) => Ok(Some(s.to_string())),
-            Err(_) => Err(AgiError::garbage(&self.line)),
-        }
+        Ok(true)
+    }
+
+    /// The line just read, as text.
+    fn line_text(&self) -> Result<&str, AgiError> {
+        std::str::from_utf8(&self.line).map_err(|_| AgiError::garbage(&self.line))
     }
 
     /// Read the `agi_*` environment block, within the header limits and deadline.
@@ -357,29 +400,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AgiConn<S> {
     }
 
     async fn read_env_inner(&mut self) -> Result<AgiEnv, AgiError> {
-        let mut lines: Vec<String> = Vec::with_capacity(24);
-        let mut total = 0usize;
+        let mut raw = String::with_capacity(640);
+        let mut lines = 0usize;
         loop {
-            let Some(line) = self.read_line().await? else {
+            if !self.read_line().await? {
                 return Err(AgiError::Closed);
-            };
+            }
+            let line = self.line_text()?;
             if line.is_empty() {
                 break;
             }
-            total += line.len() + 1;
-            if total > self.limits.max_header_bytes {
+            if raw.len() + line.len() + 1 > self.limits.max_header_bytes {
                 return Err(AgiError::HeaderTooLarge(self.limits.max_header_bytes));
             }
-            if lines.len() >= self.limits.max_header_lines {
+            if lines >= self.limits.max_header_lines {
                 return Err(AgiError::TooManyHeaderLines(self.limits.max_header_lines));
             }
             // Fail fast on garbage instead of waiting for the whole block.
-            if lines.is_empty() && !line.starts_with("agi_") {
+            if lines == 0 && !line.starts_with("agi_") {
                 return Err(AgiError::garbage(line.as_bytes()));
             }
-            lines.push(line);
+            raw.push_str(line);
+            raw.push('\n');
+            lines += 1;
         }
-        AgiEnv::from_lines(lines.iter().map(String::as_str))
+        AgiEnv::parse(raw)
     }
 
     /// Send one command line and read its final reply (skipping `100 Trying` and noting
@@ -404,12 +449,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AgiConn<S> {
                 return Err(AgiError::ReplyTooLong(self.limits.max_reply_lines));
             }
             let limit = self.limits.read_timeout;
-            let line = match tokio::time::timeout(limit, self.read_line()).await {
-                Ok(Ok(Some(l))) => l,
-                Ok(Ok(None)) => return Err(AgiError::Closed),
+            match tokio::time::timeout(limit, self.read_line()).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => return Err(AgiError::Closed),
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(AgiError::ReadTimeout(limit)),
-            };
+            }
+            let line = self.line_text()?;
             if let Some(text) = usage.as_mut() {
                 // Inside a 520- block every line is usage text until "520 End...".
                 match line.strip_prefix("520 ") {
@@ -417,11 +463,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AgiConn<S> {
                         text.push(last.to_string());
                         return Ok(Reply::Usage(std::mem::take(text)));
                     }
-                    None => text.push(line),
+                    None => text.push(line.to_string()),
                 }
                 continue;
             }
-            match classify(&line) {
+            match classify(line) {
                 ReplyLine::Hangup => self.hung_up = true,
                 ReplyLine::Trying => {}
                 ReplyLine::Final(r) => return Ok(r),
@@ -440,15 +486,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AgiConn<S> {
         }
         let limit = self.limits.read_timeout;
         match tokio::time::timeout(limit, self.read_line()).await {
-            Ok(Ok(None)) => {
+            Ok(Ok(false)) => {
                 self.hung_up = true;
                 Ok(())
             }
-            Ok(Ok(Some(l))) if l == "HANGUP" => {
+            Ok(Ok(true)) if self.line == b"HANGUP" => {
                 self.hung_up = true;
                 Ok(())
             }
-            Ok(Ok(Some(l))) => Err(AgiError::garbage(l.as_bytes())),
+            Ok(Ok(true)) => Err(AgiError::garbage(&self.line)),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(AgiError::ReadTimeout(limit)),
         }

@@ -7,6 +7,7 @@
 //! its own ActionID still takes a number), as in the recorded `.sent` files.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -151,10 +152,10 @@ impl AmiSession {
         limit: Duration,
         mut pred: impl FnMut(&Message) -> bool,
     ) -> Result<Message, OriginateError> {
-        if let Some(i) = self.backlog.iter().position(&mut pred) {
-            if let Some(m) = self.backlog.remove(i) {
-                return Ok(m);
-            }
+        if let Some(i) = self.backlog.iter().position(&mut pred)
+            && let Some(m) = self.backlog.remove(i)
+        {
+            return Ok(m);
         }
         let wait = async {
             loop {
@@ -219,5 +220,66 @@ pub struct SessionOriginator(pub Mutex<AmiSession>);
 impl Originator for SessionOriginator {
     fn originate(&self, action: Message) -> BoxFuture<'_, Result<Message, OriginateError>> {
         Box::pin(async move { self.0.lock().await.action(action).await })
+    }
+}
+
+/// Called with `(request id, outcome)` when an originated call's `OriginateResponse`
+/// arrives (to report failures back to the CRM).
+pub type OutcomeSink = Arc<dyn Fn(String, super::OriginateOutcome) + Send + Sync>;
+
+/// An [`Originator`] that opens its own AMI session per click-to-call, waits for the
+/// `OriginateResponse` in the background (reporting it to `sink` and the log), then logs
+/// off. For setups where the long-lived AMI client is not available (or not allowed to
+/// originate); the daemon normally uses its own client.
+pub struct OneShotOriginator {
+    pub ami: AmiConfig,
+    /// Bound on connect, login and the action's response.
+    pub step_timeout: Duration,
+    /// How long to wait for the `OriginateResponse` (ring timeout plus a margin).
+    pub outcome_timeout: Duration,
+    pub sink: Option<OutcomeSink>,
+}
+
+impl Originator for OneShotOriginator {
+    fn originate(&self, action: Message) -> BoxFuture<'_, Result<Message, OriginateError>> {
+        Box::pin(async move {
+            let mut session = AmiSession::login(&self.ami, self.step_timeout).await?;
+            let response = match session.action(action.clone()).await {
+                Ok(r) => r,
+                Err(e) => {
+                    session.logoff().await;
+                    return Err(e);
+                }
+            };
+            if !is_success(&response) {
+                session.logoff().await;
+                return Ok(response);
+            }
+            let action_id = action.action_id().unwrap_or("").to_string();
+            let limit = self.outcome_timeout;
+            let sink = self.sink.clone();
+            tokio::spawn(async move {
+                let event = session
+                    .wait_event(limit, |m| {
+                        m.is_event("OriginateResponse") && m.action_id() == Some(action_id.as_str())
+                    })
+                    .await;
+                match event.ok().as_ref().and_then(super::outcome) {
+                    Some((request_id, o)) => {
+                        if o.is_success() {
+                            tracing::info!(call_id = %request_id, "click-to-call: {}", o.describe());
+                        } else {
+                            warn!(call_id = %request_id, "click-to-call failed: {}", o.describe());
+                        }
+                        if let Some(sink) = sink {
+                            sink(request_id, o);
+                        }
+                    }
+                    None => warn!(%action_id, ?limit, "no OriginateResponse from Asterisk in time"),
+                }
+                session.logoff().await;
+            });
+            Ok(response)
+        })
     }
 }
