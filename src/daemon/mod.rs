@@ -9,6 +9,7 @@
 pub mod crms;
 pub mod outbox_worker;
 pub(crate) mod pipeline;
+mod recordings;
 mod routing;
 pub mod systemd;
 mod tracking;
@@ -157,7 +158,13 @@ pub async fn run(
         },
     ));
     if let Some(r) = &records {
-        app = app.merge(r.router());
+        let catalog = Arc::new(recordings::DbCatalog {
+            dir: r.catalog(),
+            store: store.clone(),
+        });
+        app = app.merge(crate::records::http::router(
+            crate::records::http::RecordsHttp::new(catalog, r.signer().clone()),
+        ));
     }
     for b in &built {
         if let Some(r) = &b.router {

@@ -217,10 +217,17 @@ impl Pipeline {
             links.insert(reported.clone(), Value::String(link));
             let records = records.clone();
             let call_id = call.id.clone();
+            let store = self.store.clone();
             conversions.spawn(async move {
                 match records.finish(&call_id, &path).await {
-                    Ok(outcome) => tracing::info!(call_id, record_id = %outcome.id, converted = outcome.converted,
-                        fallback = outcome.fallback.as_deref().unwrap_or(""), "recording ready"),
+                    Ok(outcome) => {
+                        tracing::info!(call_id, record_id = %outcome.id, converted = outcome.converted,
+                            fallback = outcome.fallback.as_deref().unwrap_or(""), "recording ready");
+                        // Keep the link working across restarts, whichever file it serves.
+                        if let Err(e) = store.recording_put(&outcome.id, &outcome.file, Some(&call_id)).await {
+                            tracing::warn!(call_id, error = %e, "cannot remember the recording in the database");
+                        }
+                    }
                     Err(e) => tracing::warn!(call_id, path, error = %e, "recording not available: the CRM gets no playable link"),
                 }
             });
