@@ -421,16 +421,22 @@ impl Bitrix24 {
                 .and_then(|x| field(x, super::events::CRM_CALL_ID_VAR))
         });
         if let Some(id) = var {
-            return Some(
-                self.pending_c2c
-                    .take_by_call_id(id)
-                    .unwrap_or_else(|| ClickToCall {
-                        crm_call_id: id.to_string(),
-                        extension: ext.unwrap_or("").to_string(),
-                        phone: call.client_phone.clone(),
-                        ..ClickToCall::default()
-                    }),
-            );
+            if let Some(c2c) = self.pending_c2c.take_by_call_id(id) {
+                return Some(c2c);
+            }
+            // The variable is shared by every CRM's click-to-call: only a Bitrix24
+            // CALL_ID (`externalCall.…`) is ours to finish; another CRM's request id
+            // means a normal registration here.
+            if id.starts_with("externalCall.") {
+                return Some(ClickToCall {
+                    crm_call_id: id.to_string(),
+                    extension: ext.unwrap_or("").to_string(),
+                    phone: call.client_phone.clone(),
+                    ..ClickToCall::default()
+                });
+            }
+            tracing::debug!(crm = "bitrix24", call_id = %call.id, request_id = id,
+                "click-to-call of another CRM: registering the call normally");
         }
         if call.direction == Direction::Outbound
             && let Some(ext) = ext
