@@ -211,7 +211,7 @@ async fn every_fixture_call_is_registered_exactly_once() {
         "17-inbound-queue-local-members-102-answers",
     ];
     for n in names {
-        let replay = Replay::from_fixture(fixture(n)).expect("fixture");
+        let replay = Replay::from_fixture(fixture(n)).expect("fixture").timed(false);
         kolokol::sandbox::demo::write_recordings(&w.dir.path().join("spool"), replay.bytes());
         w.world.ami.play(&replay).await;
     }
@@ -383,7 +383,7 @@ async fn crm_outage_then_everything_is_delivered() {
         "02-inbound-noanswer-missed",
         "08-outbound-101-answered",
     ] {
-        let replay = Replay::from_fixture(fixture(n)).expect("fixture");
+        let replay = Replay::from_fixture(fixture(n)).expect("fixture").timed(false);
         w.world.ami.play(&replay).await;
     }
     wait_until("delivery after the outage", Duration::from_secs(60), || {
