@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 use crate::config::Config;
-use crate::hooks::NoCustomizations;
+use crate::hooks::Runner;
 use crate::originate::ami_once::{AmiSession, SessionOriginator};
 use crate::originate::{ClickToCall, OriginateRequest, Originator, outcome};
 
@@ -39,10 +39,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let session = AmiSession::login(&config.ami, AMI_STEP).await?;
     let originator = Arc::new(SessionOriginator(Mutex::new(session)));
     let ring = config.originate.ring_timeout;
-    // Customization scripts: the hook runner (issue 4) plugs in here once merged.
+    // process_originate_params runs exactly as in the daemon.
     let c2c = ClickToCall::new(
         config.originate.clone(),
-        Arc::new(NoCustomizations),
+        Arc::new(Runner::new(config.customizations.clone())),
         originator.clone() as Arc<dyn Originator>,
     );
     let req = OriginateRequest {
