@@ -135,6 +135,16 @@ pub async fn check_all(path: &Path, emit: &mut dyn FnMut(&Check)) -> Vec<Check> 
     for c in check_folders(&config).await {
         push(c, &mut out);
     }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        push(
+            Check::warn(
+                "user",
+                "running as root, who can write anywhere: run as the service user (`sudo -u kolokol kolokol check-config`) to check its access",
+            ),
+            &mut out,
+        );
+    }
     for c in check_listen(&config).await {
         push(c, &mut out);
     }
@@ -240,7 +250,8 @@ async fn check_folders(config: &Config) -> Vec<Check> {
 }
 
 fn writable(what: &str, dir: &Path) -> Check {
-    if let Err(e) = std::fs::create_dir_all(dir) {
+    let existed = dir.is_dir();
+    if let Err(e) = create_like_parent(dir) {
         return Check::fail(
             what,
             format!(
@@ -254,7 +265,8 @@ fn writable(what: &str, dir: &Path) -> Check {
     match std::fs::write(&probe, b"probe") {
         Ok(()) => {
             let _ = std::fs::remove_file(&probe);
-            Check::ok(what, format!("{} writable", dir.display()))
+            let created = if existed { "" } else { " (created)" };
+            Check::ok(what, format!("{} writable{created}", dir.display()))
         }
         Err(e) => Check::fail(
             what,
@@ -264,6 +276,29 @@ fn writable(what: &str, dir: &Path) -> Check {
                 dir.display()
             ),
         ),
+    }
+}
+
+/// `mkdir -p`, giving each folder it creates the owner of the folder it is created in:
+/// run as root, it must not leave root-owned folders inside kolokol's state folder that
+/// the daemon could then not write.
+fn create_like_parent(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_like_parent(parent)?;
+        std::fs::create_dir(dir).or_else(|e| {
+            // Raced with someone else creating it: fine.
+            if dir.is_dir() { Ok(()) } else { Err(e) }
+        })?;
+        if let Ok(meta) = std::fs::metadata(parent) {
+            let _ = std::os::unix::fs::chown(dir, Some(meta.uid()), Some(meta.gid()));
+        }
+        Ok(())
+    } else {
+        std::fs::create_dir(dir)
     }
 }
 
@@ -448,4 +483,35 @@ async fn check_crms(config: &Config) -> Vec<Check> {
         out.push(check);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn folders_are_created_with_their_parents_owner_and_probed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let nested = dir.path().join("state/records/mp3");
+        let check = writable("records.store_dir", &nested);
+        assert_eq!(check.level, Level::Ok, "{check}");
+        assert!(check.detail.contains("(created)"), "{check}");
+        let parent = std::fs::metadata(dir.path()).expect("meta");
+        let made = std::fs::metadata(&nested).expect("created");
+        assert_eq!((made.uid(), made.gid()), (parent.uid(), parent.gid()));
+        assert_eq!(std::fs::read_dir(&nested).expect("dir").count(), 0);
+        // Second run: already there.
+        assert!(!writable("x", &nested).detail.contains("created"));
+    }
+
+    #[test]
+    fn a_file_in_the_way_fails_with_the_fix() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").expect("file");
+        let check = writable("storage.state_dir", &file.join("sub"));
+        assert_eq!(check.level, Level::Fail);
+        assert!(check.detail.contains("install -d"), "{check}");
+    }
 }
