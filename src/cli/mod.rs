@@ -106,6 +106,7 @@ pub fn init_logging(default: &str, json: bool) {
 }
 
 /// The error for a subcommand whose issue has not landed yet.
+#[allow(dead_code)]
 pub(crate) fn not_built(what: &str) -> anyhow::Result<ExitCode> {
     anyhow::bail!("`kolokol {what}` is not available in this build yet")
 }

@@ -236,9 +236,29 @@ pub fn esc(s: &str) -> String {
     out
 }
 
-const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}\
-table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}\
-th{background:#f3f3f3}.ok{color:#070}.bad{color:#b00}h2{margin-top:1.2em}";
+const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}\
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}\
+th{background:#f3f3f3}.ok{color:#070}.bad{color:#b00}h2{margin-top:1.2em}\
+td.empty{color:#777;font-style:italic}.nowrap{white-space:nowrap}tr.dead{background:#fff0f0}\
+header{display:flex;gap:1em;align-items:baseline}header form{margin-left:auto}";
+
+/// A table row saying the table is empty, spanning `cols` columns.
+fn empty_row(cols: usize, text: &str) -> String {
+    format!("<tr><td class=empty colspan={cols}>{text}</td></tr>")
+}
+
+/// An AMI/CRM state, coloured: red when something needs the admin, green when done.
+fn crm_state(text: &str) -> String {
+    let bad = ["down", "BLOCKED", "paused", "stopped"];
+    let class = if bad.iter().any(|b| text.starts_with(b)) {
+        "bad"
+    } else if text == "running" || text.starts_with("connected") {
+        "ok"
+    } else {
+        ""
+    };
+    format!("<b class=\"{class}\">{}</b>", esc(text))
+}
 
 fn render_login(disabled: bool, error: Option<&str>) -> String {
     let mut h = format!(
@@ -261,11 +281,14 @@ pub fn render_page(s: &AdminSnapshot) -> String {
     let mut h = format!(
         "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=3><title>kolokol admin</title><style>{STYLE}</style></head><body><h1>kolokol</h1>"
     );
-    let _ = write!(h, "<p id=status>AMI: <b>{}</b>", esc(&s.ami_status));
+    // The page reloads every 3 s: live calls and job states update without JavaScript.
+    let _ = write!(h, "<header><p id=status>AMI: {}", crm_state(&s.ami_status));
     for (crm, st) in &s.crm_status {
-        let _ = write!(h, " · {}: <b>{}</b>", esc(crm), esc(st));
+        let _ = write!(h, " · {}: {}", esc(crm), crm_state(st));
     }
-    h.push_str("</p><form method=post action=/admin/logout><button>Log out</button></form>");
+    h.push_str(
+        "</p><form method=post action=/admin/logout><button>Log out</button></form></header>",
+    );
 
     let _ = write!(
         h,
@@ -283,6 +306,9 @@ pub fn render_page(s: &AdminSnapshot) -> String {
             esc(&c.since)
         );
     }
+    if s.live_calls.is_empty() {
+        h.push_str(&empty_row(5, "No calls in progress."));
+    }
     h.push_str("</table>");
 
     let _ = write!(
@@ -297,11 +323,14 @@ pub fn render_page(s: &AdminSnapshot) -> String {
         let crm: Vec<String> = c
             .crm
             .iter()
-            .map(|(k, v)| format!("{}: {}", esc(k), esc(v)))
+            .map(|(k, v)| {
+                let class = if v.contains("dead") { " class=bad" } else { "" };
+                format!("<span{class}>{}: {}</span>", esc(k), esc(v))
+            })
             .collect();
         let _ = write!(
             h,
-            "<tr class=call><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} s</td><td>{}</td><td>{}</td></tr>",
+            "<tr class=call><td class=nowrap>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} s</td><td>{}</td><td>{}</td></tr>",
             esc(&c.ended_at),
             esc(&c.call_id),
             esc(&c.direction),
@@ -312,6 +341,9 @@ pub fn render_page(s: &AdminSnapshot) -> String {
             rec,
             crm.join("<br>")
         );
+    }
+    if s.recent_calls.is_empty() {
+        h.push_str(&empty_row(9, "No calls yet."));
     }
     h.push_str("</table>");
 
@@ -339,6 +371,9 @@ pub fn render_page(s: &AdminSnapshot) -> String {
             action
         );
     }
+    if s.jobs.is_empty() {
+        h.push_str(&empty_row(8, "The outbox is empty."));
+    }
     h.push_str("</table><h2>Customization failures</h2><table id=hooks><tr><th>hook</th><th>reason</th><th>count</th></tr>");
     for (hook, reason, n) in &s.hook_failures {
         let _ = write!(
@@ -348,6 +383,9 @@ pub fn render_page(s: &AdminSnapshot) -> String {
             esc(reason),
             n
         );
+    }
+    if s.hook_failures.is_empty() {
+        h.push_str(&empty_row(3, "None."));
     }
     h.push_str("</table></body></html>");
     h
@@ -373,5 +411,28 @@ mod tests {
         let html = render_page(&snap);
         assert!(html.contains("&lt;script&gt;"));
         assert!(!html.contains("<script>"));
+    }
+
+    #[test]
+    fn empty_tables_say_so_and_dead_jobs_stand_out() {
+        let html = render_page(&AdminSnapshot {
+            ami_status: "down: cannot connect".into(),
+            jobs: vec![JobRow {
+                id: 7,
+                connector: "kommo".into(),
+                call_id: "1.0".into(),
+                stage: "call_ended".into(),
+                state: "dead".into(),
+                attempts: 1,
+                last_error: "rejected".into(),
+            }],
+            ..Default::default()
+        });
+        assert!(html.contains("No calls in progress."));
+        assert!(html.contains("No calls yet."));
+        assert!(!html.contains("The outbox is empty."));
+        assert!(html.contains("<tr class=\"job dead\">"));
+        assert!(html.contains("action=/admin/jobs/7/retry"));
+        assert!(html.contains("<b class=\"bad\">down: cannot connect</b>"));
     }
 }
