@@ -62,7 +62,7 @@ install -d "$DESTDIR$BINDIR" "$DESTDIR$SHAREDIR/customizations/examples" "$DESTD
 # -s: the release profile keeps debug info (for profiling); 120 MB -> 18 MB stripped.
 if command -v strip >/dev/null; then strip_flag=-s; else strip_flag=; fi
 install $strip_flag -m 0755 "$bin" "$DESTDIR$BINDIR/kolokol"
-install -m 0644 customizations/README.md customizations/call_full.md "$DESTDIR$SHAREDIR/customizations/"
+install -m 0644 customizations/README.md "$DESTDIR$SHAREDIR/customizations/"
 install -m 0755 customizations/examples/* "$DESTDIR$SHAREDIR/customizations/examples/"
 install -m 0644 etc/kolokol/config.toml "$DESTDIR$SHAREDIR/config.toml.example"
 install -m 0644 README.md "$DESTDIR$SHAREDIR/README.md"
