@@ -439,6 +439,8 @@ struct Inner {
     frozen: AtomicBool,
     /// Replays wait while nobody is logged in (see [`FakeAmi::hold_when_alone`]).
     hold: AtomicBool,
+    /// Replays wait while set (see [`FakeAmi::pause`]).
+    paused: AtomicBool,
     /// The PBX's live channels: everything pushed, whoever was connected (what a
     /// client that reconnects finds with CoreShowChannels).
     pbx_channels: Mutex<Channels>,
@@ -471,6 +473,7 @@ impl FakeAmi {
             logged_in_tx,
             frozen: AtomicBool::new(false),
             hold: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
             pbx_channels: Mutex::new(Channels::new()),
             actions_log: Mutex::new(Vec::new()),
             actions_tx,
@@ -546,7 +549,9 @@ impl FakeAmi {
         for chunk in chunks {
             // With `hold_when_alone`, what happens while the client is away waits for it
             // (and the rest of the replay shifts by the time spent waiting).
-            while self.inner.hold.load(Ordering::Relaxed) && self.logged_in() == 0 {
+            while self.inner.paused.load(Ordering::Relaxed)
+                || (self.inner.hold.load(Ordering::Relaxed) && self.logged_in() == 0)
+            {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 late += Duration::from_millis(5);
             }
@@ -564,6 +569,11 @@ impl FakeAmi {
     /// call to be seen (as far as what was sent before the kill was processed).
     pub fn hold_when_alone(&self, on: bool) {
         self.inner.hold.store(on, Ordering::Relaxed);
+    }
+
+    /// Hold every replay between two chunks (the PBX goes quiet) until `pause(false)`.
+    pub fn pause(&self, on: bool) {
+        self.inner.paused.store(on, Ordering::Relaxed);
     }
 
     /// Close every connection at once (after what was already queued for it), like
