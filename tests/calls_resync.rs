@@ -200,3 +200,42 @@ fn reconnect_after_a_missed_dial_keeps_the_outbound_client() {
     assert_eq!(calls[0].answered_by, "101");
     assert_eq!(calls[0].result, 200);
 }
+
+#[test]
+fn one_leg_left_of_an_outbound_call_is_still_outbound() {
+    // Restarted between the trunk leg's hangup and the employee's: only the
+    // employee's channel, dialing the client's number, is listed.
+    let msgs = events("09-outbound-101-noanswer");
+    let hangups: Vec<usize> = msgs
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.is_event("Hangup"))
+        .map(|(i, _)| i)
+        .collect();
+    let cut = hangups[hangups.len() - 2] + 1;
+    let out = restarted(&msgs, cut, 0);
+    let calls = ended(&out);
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].direction, Direction::Outbound);
+    assert_eq!(calls[0].client_phone, "79161234567");
+    assert_eq!(calls[0].line_number, "74951234567");
+    assert_eq!(calls[0].answered_by, "");
+}
+
+#[test]
+fn one_leg_left_of_an_inbound_call_is_not_taken_for_outbound() {
+    // Restarted after the client hung up, before the employee's leg did: that leg
+    // is not the call's own channel, so it says nothing about direction.
+    let msgs = events("01-inbound-answered-recorded");
+    let hangups: Vec<usize> = msgs
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.is_event("Hangup"))
+        .map(|(i, _)| i)
+        .collect();
+    let cut = hangups[hangups.len() - 2] + 1;
+    let out = restarted(&msgs, cut, 0);
+    for e in &out {
+        assert_ne!(e.call_full.direction, Direction::Outbound, "{:?}", e.stage);
+    }
+}

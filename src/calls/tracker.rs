@@ -125,6 +125,8 @@ struct Call {
     pending_via: Option<&'static str>,
     emitted_any: bool,
     merged_into: String,
+    /// First seen during a resync, its start missed: only snapshots tell who is who.
+    rebuilt: bool,
 }
 
 impl Call {
@@ -150,6 +152,7 @@ impl Call {
             pending_via: None,
             emitted_any: false,
             merged_into: String::new(),
+            rebuilt: false,
         }
     }
 
@@ -440,10 +443,12 @@ impl Tracker {
             resync_new: self.resync.is_some() && m.event() != Some("Newchannel"),
             born_in_resync: self.resync.is_some(),
         };
-        let call = self
-            .calls
-            .entry(linkedid.into())
-            .or_insert_with(|| Call::new(linkedid, at));
+        let rebuilt = ch.resync_new;
+        let call = self.calls.entry(linkedid.into()).or_insert_with(|| {
+            let mut c = Call::new(linkedid, at);
+            c.rebuilt = rebuilt;
+            c
+        });
         call.channels.push(ch.id.clone());
         call.live += 1;
         call.last_event = at;
@@ -1487,6 +1492,34 @@ impl Tracker {
                     },
                     trunk: None,
                     line: String::new(),
+                    client_chan: None,
+                };
+            }
+        }
+        // Rebuilt after its trunk leg was gone: an employee's own channel dialing a
+        // number that is not internal was an outbound call.
+        if call.rebuilt
+            && let Some(p) = primary.filter(|p| p.kind == Kind::Internal && p.id == call.id)
+        {
+            let external = |n: &str| !n.is_empty() && !self.classify.is_internal_number(n);
+            let dialed = [
+                dialed_number(&p.exten),
+                dialed_number(p.dial_data.split(',').next().unwrap_or("")),
+            ]
+            .into_iter()
+            .find(|n| external(n));
+            if let Some(number) = dialed {
+                let line = Some(p.cur_caller_num.clone())
+                    .filter(|n| external(n) && *n != number)
+                    .unwrap_or_default();
+                return Parties {
+                    direction: Direction::Outbound,
+                    client: Party {
+                        number,
+                        name: String::new(),
+                    },
+                    trunk: None,
+                    line,
                     client_chan: None,
                 };
             }
