@@ -336,16 +336,7 @@ async fn kill_9_at_random_points_loses_and_duplicates_nothing() {
         let log = daemon.log_text();
         let interesting: Vec<&str> = log
             .lines()
-            .filter(|l| {
-                l.contains("WARN")
-                    || l.contains("ERROR")
-                    || l.contains("resync")
-                    || l.contains("call_ended")
-                    || l.contains("demo PBX")
-                    || l.contains("outbound")
-                    || l.contains("not registered")
-                    || l.contains("kill")
-            })
+            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("resync") || l.contains("call_ended") || l.contains("demo PBX") || l.contains("outbound") || l.contains("not registered") || l.contains("kill"))
             .collect();
         eprintln!("{}", interesting.join("\n"));
     }
