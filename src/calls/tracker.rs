@@ -70,6 +70,16 @@ struct Chan {
     hangup_cause: Option<u16>,
     hangup_cause_txt: String,
     record: String,
+    /// Connected line number (on an outbound trunk leg: the office line presented).
+    connected_num: String,
+    /// `Dial` arguments the channel was running when a resync listed it.
+    dial_data: String,
+    /// First seen during a resync from something other than its `Newchannel`: its
+    /// history (the `DialBegin` that made it ring) was missed, so the resync builds
+    /// its conversation.
+    resync_new: bool,
+    /// First seen while a resync runs (its events from then on are all seen).
+    born_in_resync: bool,
 }
 
 /// One conversation (a ringing phone).
@@ -115,8 +125,8 @@ struct Call {
     pending_via: Option<&'static str>,
     emitted_any: bool,
     merged_into: String,
-    /// Created by a resync: conversations are built at the end of the resync.
-    from_resync: bool,
+    /// First seen during a resync, its start missed: only snapshots tell who is who.
+    rebuilt: bool,
 }
 
 impl Call {
@@ -142,7 +152,7 @@ impl Call {
             pending_via: None,
             emitted_any: false,
             merged_into: String::new(),
-            from_resync: false,
+            rebuilt: false,
         }
     }
 
@@ -295,7 +305,16 @@ impl Tracker {
             "DialEnd" => self.on_dial_end(m, at, out),
             "Hangup" => self.on_hangup(m, at, out),
             "HangupRequest" => self.on_hangup_request(m, at, out),
-            "BridgeEnter" | "BridgeLeave" | "SoftHangupRequest" | "NewConnectedLine" => {
+            "NewConnectedLine" => {
+                if let Some(ch) = self.channels.get_mut(g(m, "Uniqueid")) {
+                    let n = unknown_to_empty(g(m, "ConnectedLineNum"));
+                    if !n.is_empty() {
+                        ch.connected_num = n.to_string();
+                    }
+                }
+                self.track_linkedid(m, "", at, out)
+            }
+            "BridgeEnter" | "BridgeLeave" | "SoftHangupRequest" => {
                 self.track_linkedid(m, "", at, out)
             }
             "Hold" | "Unhold" => self.on_hold(m, ev == "Hold", at, out),
@@ -417,11 +436,19 @@ impl Tracker {
             hangup_cause: None,
             hangup_cause_txt: String::new(),
             record: String::new(),
+            connected_num: unknown_to_empty(get("ConnectedLineNum")).to_string(),
+            dial_data: String::new(),
+            // A `Newchannel` starts the channel's history; anything else seen first
+            // while resyncing means its start (and its DialBegin) went by unseen.
+            resync_new: self.resync.is_some() && m.event() != Some("Newchannel"),
+            born_in_resync: self.resync.is_some(),
         };
-        let call = self
-            .calls
-            .entry(linkedid.into())
-            .or_insert_with(|| Call::new(linkedid, at));
+        let rebuilt = ch.resync_new;
+        let call = self.calls.entry(linkedid.into()).or_insert_with(|| {
+            let mut c = Call::new(linkedid, at);
+            c.rebuilt = rebuilt;
+            c
+        });
         call.channels.push(ch.id.clone());
         call.live += 1;
         call.last_event = at;
@@ -696,6 +723,18 @@ impl Tracker {
             return;
         };
         if call.convs.iter().any(|c| c.id == dest) {
+            // A resync may have built this leg's conversation before its DialBegin
+            // came through: the Dial string still names the client.
+            let fill = dch.kind == Kind::Trunk
+                && call.trunk_leg.as_deref() == Some(&*dest)
+                && call.dialed_number.is_empty();
+            let ds = dialed_number(g(m, "DialString"));
+            if fill
+                && !ds.is_empty()
+                && let Some(call) = self.calls.get_mut(&*call_id)
+            {
+                call.dialed_number = ds;
+            }
             return;
         }
         if call.convs.len() >= MAX_CONVERSATIONS {
@@ -765,8 +804,12 @@ impl Tracker {
         };
         if trunk_leg {
             call.trunk_leg = Some(dest.clone());
-            call.dialed_number = dialed;
-            call.line_from_dial = line;
+            if !dialed.is_empty() {
+                call.dialed_number = dialed;
+            }
+            if !line.is_empty() {
+                call.line_from_dial = line;
+            }
         }
         if via == "transfer" {
             call.pending_via = None;
@@ -1103,35 +1146,77 @@ impl Tracker {
         } else {
             at - chrono::Duration::seconds(parse_hms(g(m, "Duration")).unwrap_or(0) as i64)
         };
-        if !known {
-            if let Some(set) = self.resync.as_mut() {
-                set.insert(id.into());
-            }
-            if self.ensure_chan(m, "", start).is_none() {
-                return;
-            }
-            if let Some(ch) = self.channels.get(id) {
-                let call = ch.call.clone();
-                if let Some(c) = self.calls.get_mut(&*call) {
-                    if c.channels.len() == 1 {
-                        c.from_resync = true;
-                    }
-                    c.last_event = at;
-                }
-            }
-        } else if let Some(set) = self.resync.as_mut() {
+        if let Some(set) = self.resync.as_mut() {
             set.insert(id.into());
         }
-        if let Some(ch) = self.channels.get_mut(id)
-            && g(m, "ChannelStateDesc") == "Up"
-            && ch.answer.is_none()
-        {
+        if !known && self.ensure_chan(m, "", start).is_none() {
+            return;
+        }
+        let Some(ch) = self.channels.get_mut(id) else {
+            return;
+        };
+        if g(m, "ChannelStateDesc") == "Up" && ch.answer.is_none() {
             ch.answer = Some(at);
+        }
+        // Known from before the disconnect: whatever made it ring may have been
+        // missed meanwhile (end_resync skips it if it has its conversation).
+        if known && !ch.born_in_resync {
+            ch.resync_new = true;
+        }
+        // The snapshot is newer than whatever created the channel: keep what it
+        // tells about the numbers, never blanking a known one. (`Exten` is left
+        // alone: on a known channel it has moved on through the dialplan.)
+        let connected = unknown_to_empty(g(m, "ConnectedLineNum"));
+        if !connected.is_empty() {
+            ch.connected_num = connected.to_string();
+        }
+        let caller = unknown_to_empty(g(m, "CallerIDNum"));
+        if !caller.is_empty() {
+            ch.cur_caller_num = caller.to_string();
+        }
+        if g(m, "Application").eq_ignore_ascii_case("Dial") {
+            ch.dial_data = g(m, "ApplicationData").to_string();
+        }
+        let call = ch.call.clone();
+        if let Some(c) = self.calls.get_mut(&*call) {
+            c.last_event = at;
         }
     }
 
+    /// Client number and office line of an outbound call whose trunk leg was only
+    /// seen in a resync (its `DialBegin` went by unseen). On that leg Asterisk shows
+    /// the dialed number as `Exten` and `CallerIDNum` and the office line as
+    /// `ConnectedLineNum`; the employee's leg runs `Dial(…/number@trunk)` and shows
+    /// the client as `ConnectedLineNum`.
+    fn resync_trunk_numbers(&self, call: &Call, trunk: &Chan) -> (String, String) {
+        let external = |n: &str| !n.is_empty() && !self.classify.is_internal_number(n);
+        let primary = self.primary(call).filter(|p| p.id != trunk.id);
+        let from_dial = |p: &Chan| dialed_number(p.dial_data.split(',').next().unwrap_or(""));
+        let dialed = [
+            dialed_number(&trunk.exten),
+            primary.map(from_dial).unwrap_or_default(),
+            primary
+                .map(|p| dialed_number(&p.connected_num))
+                .unwrap_or_default(),
+            dialed_number(&trunk.cur_caller_num),
+        ]
+        .into_iter()
+        .find(|n| external(n))
+        .unwrap_or_default();
+        let line = [
+            trunk.connected_num.clone(),
+            primary
+                .map(|p| p.cur_caller_num.clone())
+                .unwrap_or_default(),
+        ]
+        .into_iter()
+        .find(|n| external(n) && *n != dialed)
+        .unwrap_or_default();
+        (dialed, line)
+    }
+
     /// Finish the resync: calls whose channels vanished while disconnected end with
-    /// what is known; calls first seen in the resync get their conversations.
+    /// what is known; channels whose ringing was missed get their conversations.
     pub fn end_resync(&mut self, at: Time) -> Vec<StageEvent> {
         let mut out = Vec::new();
         let Some(seen) = self.resync.take() else {
@@ -1151,55 +1236,68 @@ impl Tracker {
             }
             self.hangup_chan(&id, None, "vanished during AMI disconnect", at, &mut out);
         }
+        // Channels whose DialBegin was missed, by call, in order of appearance.
         let mut fresh: Vec<Box<str>> = self
-            .calls
+            .channels
             .values()
-            .filter(|c| c.from_resync)
-            .map(|c| c.id.clone())
+            .filter(|c| c.resync_new)
+            .map(|c| c.call.clone())
             .collect();
         fresh.sort();
+        fresh.dedup();
         for call_id in fresh {
-            let members: Vec<Box<str>> = match self.calls.get_mut(&call_id) {
-                Some(c) => {
-                    c.from_resync = false;
-                    c.channels.clone()
-                }
+            let members: Vec<Box<str>> = match self.calls.get(&call_id) {
+                Some(c) => c.channels.clone(),
                 None => continue,
             };
             for id in members {
-                let Some(ch) = self.channels.get(&id) else {
+                let Some(ch) = self.channels.get_mut(&id) else {
                     continue;
                 };
+                if !std::mem::take(&mut ch.resync_new) || ch.end.is_some() {
+                    continue;
+                }
                 if *ch.id == *call_id || matches!(ch.kind, Kind::Local | Kind::Other) {
                     continue;
                 }
+                let Some(call) = self.calls.get(&call_id) else {
+                    continue;
+                };
+                if call.convs.iter().any(|c| c.id == id) {
+                    continue;
+                }
+                if call.convs.len() >= MAX_CONVERSATIONS {
+                    continue;
+                }
+                let Some(ch) = self.channels.get(&id) else {
+                    continue;
+                };
                 let answered = ch.answer;
+                let trunk = ch.kind == Kind::Trunk && call.trunk_leg.is_none();
+                let numbers = trunk.then(|| self.resync_trunk_numbers(call, ch));
                 let user = match ch.kind {
                     Kind::Internal => Some(User {
                         number: ch.endpoint.clone(),
                         name: ch.caller_name.clone(),
                     }),
-                    _ => None,
+                    _ => self.first_employee(call).map(|number| User {
+                        name: self.employee_name(call, &number),
+                        number,
+                    }),
                 };
-                let trunk = ch.kind == Kind::Trunk;
                 let Some(call) = self.calls.get_mut(&call_id) else {
                     continue;
                 };
-                if trunk && call.trunk_leg.is_none() {
+                if let Some((dialed, line)) = numbers {
                     call.trunk_leg = Some(id.clone());
+                    if call.dialed_number.is_empty() {
+                        call.dialed_number = dialed;
+                    }
+                    if call.line_from_dial.is_empty() {
+                        call.line_from_dial = line;
+                    }
                 }
-                let user = user.or_else(|| {
-                    self.calls
-                        .get(&call_id)
-                        .and_then(|c| self.first_employee(c))
-                        .map(|number| User {
-                            number,
-                            name: String::new(),
-                        })
-                });
-                let Some(call) = self.calls.get_mut(&call_id) else {
-                    continue;
-                };
+                call.last_event = at;
                 call.convs.push(Conv {
                     id: id.clone(),
                     user,
@@ -1232,6 +1330,11 @@ impl Tracker {
                     );
                 }
             }
+        }
+        // Whatever was not listed keeps no resync mark.
+        for ch in self.channels.values_mut() {
+            ch.resync_new = false;
+            ch.born_in_resync = false;
         }
         out
     }
@@ -1389,6 +1492,34 @@ impl Tracker {
                     },
                     trunk: None,
                     line: String::new(),
+                    client_chan: None,
+                };
+            }
+        }
+        // Rebuilt after its trunk leg was gone: an employee's own channel dialing a
+        // number that is not internal was an outbound call.
+        if call.rebuilt
+            && let Some(p) = primary.filter(|p| p.kind == Kind::Internal && p.id == call.id)
+        {
+            let external = |n: &str| !n.is_empty() && !self.classify.is_internal_number(n);
+            let dialed = [
+                dialed_number(&p.exten),
+                dialed_number(p.dial_data.split(',').next().unwrap_or("")),
+            ]
+            .into_iter()
+            .find(|n| external(n));
+            if let Some(number) = dialed {
+                let line = Some(p.cur_caller_num.clone())
+                    .filter(|n| external(n) && *n != number)
+                    .unwrap_or_default();
+                return Parties {
+                    direction: Direction::Outbound,
+                    client: Party {
+                        number,
+                        name: String::new(),
+                    },
+                    trunk: None,
+                    line,
                     client_chan: None,
                 };
             }

@@ -641,6 +641,19 @@ impl Inner {
     }
 }
 
+/// The `CoreShowChannel` events (and the closing `CoreShowChannelsComplete`) this
+/// server would answer to `CoreShowChannels` after pushing `events` (raw AMI event
+/// bytes, without banner): the channels still up, each with the snapshot fields its
+/// last events carried. For tests that rebuild a tracker mid-call.
+pub fn core_show_channels_after(events: &[u8]) -> Vec<Message> {
+    let mut ch = Channels::new();
+    ch.feed(events);
+    crate::ami::codec::parse_messages(&ch.core_show_channels(None))
+        .into_iter()
+        .filter(|m| m.event().is_some())
+        .collect()
+}
+
 /// Live channels, from the events pushed through the server.
 #[derive(Default)]
 struct Channels {
