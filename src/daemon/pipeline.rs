@@ -8,7 +8,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -19,7 +18,7 @@ use crate::crm::Connector;
 use crate::hooks::{Customize, HookOutcome};
 use crate::metrics::Registry;
 use crate::records::{Recordings, catalog};
-use crate::store::Store;
+use crate::store::{LIVE_CALL_KIND, Store};
 
 /// What the tracker task hands the pipeline.
 #[derive(Debug)]
@@ -30,12 +29,6 @@ pub(crate) enum PipelineMsg {
         live: HashSet<String>,
     },
 }
-
-/// Where the last snapshot of every unfinished call is kept (in the `caches` table), so
-/// that a call whose end kolokol missed while it was down is still registered.
-const LIVE_KIND: &str = "live_call";
-/// A call cannot run longer than this; older snapshots expire.
-const LIVE_TTL: Duration = Duration::from_secs(2 * 24 * 3600);
 
 pub(crate) struct Pipeline {
     pub store: Store,
@@ -78,22 +71,9 @@ impl Pipeline {
         if ev.stage == Stage::CallEnded {
             self.prepare_records(&mut ev, conversions).await;
         }
+        // The outbox also keeps this call's last stage while it is unfinished (same
+        // transaction), for `end_calls_missed_while_down`.
         self.enqueue(&ev).await;
-        // Remember where each unfinished call stands (after its jobs are durable: a
-        // crash in between at worst ends the call again, which the outbox's
-        // idempotency keys absorb).
-        let id = ev.call_full.id.clone();
-        let result = if ev.stage == Stage::CallEnded {
-            self.store.cache_delete(LIVE_KIND, &id).await
-        } else {
-            match serde_json::to_value(&ev) {
-                Ok(v) => self.store.cache_put(LIVE_KIND, &id, &v, LIVE_TTL).await,
-                Err(_) => Ok(()),
-            }
-        };
-        if let Err(e) = result {
-            tracing::warn!(call_id = %id, error = %e, "cannot save the live call snapshot");
-        }
     }
 
     /// After a (re)connect: calls we had seen that Asterisk no longer has ended while
@@ -103,7 +83,7 @@ impl Pipeline {
         live: &HashSet<String>,
         conversions: &mut JoinSet<()>,
     ) {
-        let saved = match self.store.cache_list(LIVE_KIND).await {
+        let saved = match self.store.cache_list(LIVE_CALL_KIND).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read saved live calls");
@@ -115,7 +95,7 @@ impl Pipeline {
                 continue;
             }
             let Ok(mut ev) = serde_json::from_value::<StageEvent>(value) else {
-                let _ = self.store.cache_delete(LIVE_KIND, &id).await;
+                let _ = self.store.cache_delete(LIVE_CALL_KIND, &id).await;
                 continue;
             };
             tracing::warn!(call_id = %id, last_stage = ev.stage.as_str(),
@@ -136,10 +116,8 @@ impl Pipeline {
             .filter(|c| c.wants(ev.stage))
             .map(|c| c.name())
             .collect();
-        // The journal row for call_ended is written even with no CRM configured.
-        if names.is_empty() && ev.stage != Stage::CallEnded {
-            return;
-        }
+        // Written even with no CRM configured: the journal row (call_ended) and the
+        // live-call snapshot (other stages) are kolokol's own memory of the call.
         let mut delay = std::time::Duration::from_millis(50);
         loop {
             match self.store.enqueue_stage(ev, &names).await {

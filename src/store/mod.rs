@@ -28,7 +28,7 @@ use serde::Deserialize;
 use tokio::sync::Notify;
 
 pub use data::{JournalEntry, StoreJobSteps};
-pub use outbox::{DueJob, JobState, ListFilter, OutboxDepth, OutboxJob};
+pub use outbox::{DueJob, JobState, LIVE_CALL_KIND, ListFilter, OutboxDepth, OutboxJob};
 
 /// The database file's name inside `state_dir`.
 pub const DB_FILE: &str = "kolokol.db";

@@ -250,6 +250,11 @@ fn journal_outcome(c: &Connection, id: i64, outcome: Value) -> Result<(), StoreE
     Ok(())
 }
 
+/// `caches` kind holding the last stage event of every unfinished call.
+pub const LIVE_CALL_KIND: &str = "live_call";
+/// No call runs longer than this; older snapshots expire.
+const LIVE_CALL_TTL_MS: i64 = 2 * 24 * 3600 * 1000;
+
 impl Store {
     /// Write the durable work for one stage event: one job per connector in
     /// `connectors` (normally those whose `wants(stage)` is true) and, for `call_ended`,
@@ -300,6 +305,23 @@ impl Store {
                          ended_at = COALESCE(journal.ended_at, excluded.ended_at)",
                     )?
                     .execute(params![call_id, call_full, now])?;
+                    c.prepare_cached("DELETE FROM caches WHERE kind = ?1 AND key = ?2")?
+                        .execute(params![LIVE_CALL_KIND, call_id])?;
+                } else {
+                    // The call's last known stage, in the same transaction as its jobs, so
+                    // a call whose end kolokol misses (crash, link down) can still be
+                    // ended with what is known.
+                    c.prepare_cached(
+                        "INSERT INTO caches (kind, key, value, expires_at) VALUES (?1, ?2, ?3, ?4) \
+                         ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value, \
+                         expires_at = excluded.expires_at",
+                    )?
+                    .execute(params![
+                        LIVE_CALL_KIND,
+                        call_id,
+                        payload,
+                        now.saturating_add(LIVE_CALL_TTL_MS)
+                    ])?;
                 }
                 Ok(ids)
             })
