@@ -51,7 +51,7 @@ pub fn record_file_path_input(call_full: &CallFull, path: &Path) -> Value {
 }
 
 /// The parameters of an AMI Originate that `process_originate_params` may change.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct OriginateParams {
     pub caller_id: String,
     pub channel: String,

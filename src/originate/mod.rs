@@ -106,15 +106,9 @@ pub struct OriginateRequest {
     pub request_data: Value,
 }
 
-/// The parameters `process_originate_params` sees and may change.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OriginateParams {
-    pub caller_id: String,
-    pub channel: String,
-    pub context: String,
-    pub extension: String,
-    pub priority: String,
-}
+/// The parameters `process_originate_params` sees and may change (one type shared with
+/// the customization contract).
+pub use crate::hooks::contract::OriginateParams;
 
 /// A click-to-call that Asterisk accepted (queued).
 #[derive(Debug, Clone)]
