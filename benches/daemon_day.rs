@@ -16,7 +16,8 @@
 //! and fails (exit 1) if a call is missing or registered twice.
 //!
 //! Run: `cargo bench --bench daemon_day` (env `CALLS` = 10000, `CONCURRENCY` = 200,
-//! `SPEED` = 20, `RECORDINGS` = 1 (MixMonitor files written, converted to mp3 by
+//! `SPEED` = 20, `RATE` = calls started per second (0 = as fast as CONCURRENCY
+//! allows), `RECORDINGS` = 1 (MixMonitor files written, converted to mp3 by
 //! kolokol), `RUST_LOG` = info for the daemon, `TIMEOUT` = 900 s, `KEEP` = 1 keeps the
 //! temp dir with the daemon log and state).
 
@@ -115,6 +116,8 @@ async fn main() {
     let speed: f64 = env_num("SPEED", 20.0);
     let recordings = env_num("RECORDINGS", 1u8) == 1;
     let timeout = Duration::from_secs(env_num("TIMEOUT", 900u64));
+    // Calls started per second (0 = as fast as CONCURRENCY allows).
+    let rate: f64 = env_num("RATE", 0.0);
     let log_level = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
 
     let dir = tempfile::tempdir().expect("temp dir");
@@ -178,7 +181,7 @@ async fn main() {
     let spool = dir.path().join("spool");
 
     println!(
-        "daemon_day: {calls} calls ({expected} external), concurrency {concurrency}, speed x{speed}, recordings {}, RUST_LOG={log_level}",
+        "daemon_day: {calls} calls ({expected} external), concurrency {concurrency}, rate {rate}/s (0 = unpaced), speed x{speed}, recordings {}, RUST_LOG={log_level}",
         if recordings { "on" } else { "off" }
     );
     let started = Instant::now();
@@ -191,6 +194,12 @@ async fn main() {
             let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
             let mut plays = tokio::task::JoinSet::new();
             for i in 0..calls {
+                if rate > 0.0 {
+                    tokio::time::sleep_until(
+                        (started + Duration::from_secs_f64(i as f64 / rate)).into(),
+                    )
+                    .await;
+                }
                 let permit = sem.clone().acquire_owned().await.expect("semaphore open");
                 let (world, owner, pushed, replays, re, spool) = (
                     world.clone(),
