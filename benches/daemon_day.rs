@@ -17,7 +17,8 @@
 //!
 //! Run: `cargo bench --bench daemon_day` (env `CALLS` = 10000, `CONCURRENCY` = 200,
 //! `SPEED` = 20, `RATE` = calls started per second (0 = as fast as CONCURRENCY
-//! allows), `RECORDINGS` = 1 (MixMonitor files written, converted to mp3 by
+//! allows), `STORAGE_CONCURRENCY` = `[storage] concurrency` of the daemon (its default
+//! unless set), `RECORDINGS` = 1 (MixMonitor files written, converted to mp3 by
 //! kolokol), `RUST_LOG` = info for the daemon, `TIMEOUT` = 900 s, `KEEP` = 1 keeps the
 //! temp dir with the daemon log and state).
 
@@ -128,13 +129,21 @@ async fn main() {
     let mut bitrix_seen = world.bitrix.watch_finishes();
     let http = format!("127.0.0.1:{}", free_port());
     let config = dir.path().join("config.toml");
-    let toml = world
+    let mut toml = world
         .config_toml(&http)
         .replace("[kommo]\n", "[kommo]\nrate_limit = 1000000.0\n")
         .replace(
             "[bitrix24]\n",
             "[bitrix24]\nrate_per_sec = 1000000.0\nburst = 1000000\n",
         );
+    // `[storage] concurrency` (deliveries in flight per CRM); the default unless set.
+    let storage_concurrency: usize = env_num("STORAGE_CONCURRENCY", 0);
+    if storage_concurrency > 0 {
+        toml = toml.replace(
+            "[storage]\n",
+            &format!("[storage]\nconcurrency = {storage_concurrency}\n"),
+        );
+    }
     std::fs::write(&config, toml).expect("config written");
     let log_path = dir.path().join("daemon.log");
     let log = std::fs::File::create(&log_path).expect("log file");
@@ -181,7 +190,8 @@ async fn main() {
     let spool = dir.path().join("spool");
 
     println!(
-        "daemon_day: {calls} calls ({expected} external), concurrency {concurrency}, rate {rate}/s (0 = unpaced), speed x{speed}, recordings {}, RUST_LOG={log_level}",
+        "daemon_day: {calls} calls ({expected} external), concurrency {concurrency}, rate {rate}/s (0 = unpaced), speed x{speed}, [storage] concurrency {}, recordings {}, RUST_LOG={log_level}",
+        if storage_concurrency > 0 { storage_concurrency.to_string() } else { "default".into() },
         if recordings { "on" } else { "off" }
     );
     let started = Instant::now();
