@@ -36,8 +36,6 @@ pub(crate) enum PipelineMsg {
 const LIVE_KIND: &str = "live_call";
 /// A call cannot run longer than this; older snapshots expire.
 const LIVE_TTL: Duration = Duration::from_secs(2 * 24 * 3600);
-/// Stage events taken from the channel at once (bounded by the channel anyway).
-const MAX_ROUND: usize = 256;
 
 pub(crate) struct Pipeline {
     pub store: Store,
@@ -54,41 +52,16 @@ pub(crate) struct Pipeline {
 impl Pipeline {
     /// Drain stage events until the tracker closes the channel, then wait for the
     /// background conversions still running.
-    ///
-    /// Whatever is queued is taken at once and written in rounds: a round holds at most
-    /// one event per call and its writes are issued together, so they share the store's
-    /// group commit (one fsync) instead of paying one each; the rounds run one after the
-    /// other, so each call's events are still written (and delivered) in order. A resync
-    /// is a barrier: everything before it is written first.
     pub(crate) async fn run(self, mut stages: mpsc::Receiver<PipelineMsg>) {
         let mut conversions = JoinSet::new();
-        let mut batch = Vec::with_capacity(MAX_ROUND);
-        while stages.recv_many(&mut batch, MAX_ROUND).await > 0 {
-            let mut round: Vec<StageEvent> = Vec::new();
-            let mut calls_in_round: HashSet<String> = HashSet::new();
-            for msg in batch.drain(..) {
-                match msg {
-                    PipelineMsg::Stage(mut ev) => {
-                        if !calls_in_round.insert(ev.call_full.id.clone()) {
-                            // The call's previous event must be durable first.
-                            self.persist_round(std::mem::take(&mut round)).await;
-                            calls_in_round.clear();
-                            calls_in_round.insert(ev.call_full.id.clone());
-                        }
-                        if ev.stage == Stage::CallEnded {
-                            self.prepare_records(&mut ev, &mut conversions).await;
-                        }
-                        round.push(ev);
-                    }
-                    PipelineMsg::Resynced { live } => {
-                        self.persist_round(std::mem::take(&mut round)).await;
-                        calls_in_round.clear();
-                        self.end_calls_missed_while_down(&live, &mut conversions)
-                            .await
-                    }
+        while let Some(msg) = stages.recv().await {
+            match msg {
+                PipelineMsg::Stage(ev) => self.stage(ev, &mut conversions).await,
+                PipelineMsg::Resynced { live } => {
+                    self.end_calls_missed_while_down(&live, &mut conversions)
+                        .await
                 }
             }
-            self.persist_round(round).await;
             while conversions.try_join_next().is_some() {}
         }
         if !conversions.is_empty() {
@@ -101,24 +74,11 @@ impl Pipeline {
         tracing::info!("pipeline stopped");
     }
 
-    /// Write the events of one round (distinct calls) together.
-    async fn persist_round(&self, round: Vec<StageEvent>) {
-        if round.is_empty() {
-            return;
-        }
-        futures::future::join_all(round.iter().map(|ev| self.persist(ev))).await;
-    }
-
     async fn stage(&self, mut ev: StageEvent, conversions: &mut JoinSet<()>) {
         if ev.stage == Stage::CallEnded {
             self.prepare_records(&mut ev, conversions).await;
         }
-        self.persist(&ev).await;
-    }
-
-    /// The event's CRM jobs, then the call's live snapshot.
-    async fn persist(&self, ev: &StageEvent) {
-        self.enqueue(ev).await;
+        self.enqueue(&ev).await;
         // Remember where each unfinished call stands (after its jobs are durable: a
         // crash in between at worst ends the call again, which the outbox's
         // idempotency keys absorb).
@@ -126,7 +86,7 @@ impl Pipeline {
         let result = if ev.stage == Stage::CallEnded {
             self.store.cache_delete(LIVE_KIND, &id).await
         } else {
-            match serde_json::to_value(ev) {
+            match serde_json::to_value(&ev) {
                 Ok(v) => self.store.cache_put(LIVE_KIND, &id, &v, LIVE_TTL).await,
                 Err(_) => Ok(()),
             }
