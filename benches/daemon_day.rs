@@ -191,7 +191,11 @@ async fn main() {
 
     println!(
         "daemon_day: {calls} calls ({expected} external), concurrency {concurrency}, rate {rate}/s (0 = unpaced), speed x{speed}, [storage] concurrency {}, recordings {}, RUST_LOG={log_level}",
-        if storage_concurrency > 0 { storage_concurrency.to_string() } else { "default".into() },
+        if storage_concurrency > 0 {
+            storage_concurrency.to_string()
+        } else {
+            "default".into()
+        },
         if recordings { "on" } else { "off" }
     );
     let started = Instant::now();
