@@ -175,6 +175,16 @@ struct Inner {
     started: Instant,
     expired_tokens: Vec<String>,
     next_id: i64,
+    /// Told of every successful finish (see [`SandboxHandle::watch_finishes`]).
+    finish_watch: Option<tokio::sync::mpsc::UnboundedSender<FinishSeen>>,
+}
+
+/// A successful `telephony.externalcall.finish`: the call's EXTERNAL_CALL_ID and when
+/// the request arrived.
+#[derive(Debug, Clone)]
+pub struct FinishSeen {
+    pub external_call_id: String,
+    pub at: std::time::Instant,
 }
 
 impl Inner {
@@ -239,6 +249,7 @@ impl SandboxBitrix24 {
             started: Instant::now(),
             expired_tokens: Vec::new(),
             next_id: 100,
+            finish_watch: None,
         }));
         let app = Router::new()
             .route("/rest/{*path}", any(rest))
@@ -298,6 +309,14 @@ impl SandboxHandle {
     /// A copy of the whole state.
     pub fn snapshot(&self) -> Snapshot {
         lock(&self.inner).snap.clone()
+    }
+
+    /// Every successful finish from now on, as it happens (cheaper than polling
+    /// [`Self::snapshot`] when there are thousands; benchmarks time deliveries with it).
+    pub fn watch_finishes(&self) -> tokio::sync::mpsc::UnboundedReceiver<FinishSeen> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        lock(&self.inner).finish_watch = Some(tx);
+        rx
     }
 
     /// Fail the next `count` requests of `method` (`"*"` = any) with this error.
@@ -973,6 +992,13 @@ fn dispatch(i: &mut Inner, method: &str, p: &Value) -> Result<Out, ApiErr> {
             f["USER_ID"] = json!(user_id);
             f["STATUS_CODE"] = json!(status);
             c.finish = Some(f);
+            let external_call_id = c.external_call_id.clone();
+            if let Some(w) = &i.finish_watch {
+                let _ = w.send(FinishSeen {
+                    external_call_id,
+                    at: std::time::Instant::now(),
+                });
+            }
             if let Some(lead) = c.created_lead {
                 // Auto-created entities go to whoever finished the call.
                 if let Some(e) = i.snap.entities.iter_mut().find(|e| e.id == lead) {

@@ -188,6 +188,15 @@ struct St {
     latency: Duration,
     rate: f64,
     bucket: Bucket,
+    /// Told of every call note as it is created (see [`SandboxKommo::watch_calls`]).
+    call_watch: Option<tokio::sync::mpsc::UnboundedSender<CallSeen>>,
+}
+
+/// A call note as the sandbox created it: its `uniq` and when the request arrived.
+#[derive(Debug, Clone)]
+pub struct CallSeen {
+    pub uniq: Option<String>,
+    pub at: std::time::Instant,
 }
 
 impl St {
@@ -273,6 +282,7 @@ impl SandboxKommo {
                 tokens: 7.0,
                 last: Instant::now(),
             },
+            call_watch: None,
         })));
         let app = axum::Router::new()
             .fallback(handle)
@@ -303,6 +313,14 @@ impl SandboxKommo {
     /// A copy of the whole state.
     pub fn snapshot(&self) -> Snapshot {
         self.shared.lock().snap.clone()
+    }
+
+    /// Every call note created from now on, as it is created (cheaper than polling
+    /// [`Self::snapshot`] when there are thousands; benchmarks time deliveries with it).
+    pub fn watch_calls(&self) -> tokio::sync::mpsc::UnboundedReceiver<CallSeen> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.shared.lock().call_watch = Some(tx);
+        rx
     }
 
     /// Accept `code` once as an authorization code.
@@ -1206,6 +1224,12 @@ fn create_calls(st: &mut St, arr: &[Value]) -> Response {
                 n.entity_type = etype.into();
                 n.entity_id = eid;
                 out.push(json!({"id": n.id, "entity_id": eid, "entity_type": etype, "account_id": ACCOUNT_ID, "request_id": i.to_string()}));
+                if let Some(w) = &st.call_watch {
+                    let _ = w.send(CallSeen {
+                        uniq: n.uniq.clone(),
+                        at: std::time::Instant::now(),
+                    });
+                }
                 st.snap.calls.push(n);
             }
             None => errors.push(json!({
@@ -1398,9 +1422,16 @@ fn create_unsorted(st: &mut St, arr: &[Value]) -> Response {
         });
         if meta.get("is_call_event_needed") == Some(&Value::Bool(true)) {
             let id = st.id();
+            let uniq = meta.get("uniq").and_then(Value::as_str).map(str::to_string);
+            if let Some(w) = &st.call_watch {
+                let _ = w.send(CallSeen {
+                    uniq: uniq.clone(),
+                    at: std::time::Instant::now(),
+                });
+            }
             st.snap.calls.push(CallNote {
                 id,
-                uniq: meta.get("uniq").and_then(Value::as_str).map(str::to_string),
+                uniq,
                 direction: "inbound".into(),
                 duration: meta.get("duration").and_then(Value::as_i64).unwrap_or(0),
                 source: meta
