@@ -244,6 +244,54 @@ async fn every_fixture_call_is_registered_exactly_once() {
         bitrix.keys().collect::<BTreeSet<_>>()
     );
 
+    // Bitrix24 cards: every card shown is hidden again or closed by the finish, and
+    // the recorded call has its recording attached (after its finish).
+    let b24 = w.world.bitrix.snapshot();
+    for call in b24.calls.values() {
+        let mut open = BTreeSet::new();
+        for (action, user) in b24.cards_of(&call.call_id) {
+            match action.as_str() {
+                "show" => {
+                    open.insert(user);
+                }
+                "hide" | "finish" => {
+                    open.remove(&user);
+                }
+                _ => {}
+            }
+        }
+        assert!(
+            open.is_empty(),
+            "cards left open for {}: {open:?}",
+            call.external_call_id
+        );
+    }
+    let b24_recorded = b24
+        .call_by_external("1795304861.0")
+        .expect("fixture 01 registered in Bitrix24");
+    assert!(
+        !b24_recorded.records.is_empty(),
+        "recording attached in Bitrix24"
+    );
+    assert_eq!(
+        b24_recorded
+            .finish
+            .as_ref()
+            .and_then(|f| f["STATUS_CODE"].as_str()),
+        Some("200")
+    );
+    let missed = b24
+        .call_by_external("1795304872.2")
+        .expect("fixture 02 registered in Bitrix24");
+    assert_eq!(
+        missed
+            .finish
+            .as_ref()
+            .and_then(|f| f["STATUS_CODE"].as_str()),
+        Some("304"),
+        "missed call finished as missed"
+    );
+
     // The recorded call carries a signed link that serves the converted mp3.
     let snap = w.world.kommo.snapshot();
     let recorded = snap
@@ -252,6 +300,27 @@ async fn every_fixture_call_is_registered_exactly_once() {
         .find(|c| c.uniq.as_deref() == Some("1795304861.0"))
         .expect("fixture 01 registered");
     assert_eq!(recorded.call_status, Some(4), "answered = talked");
+    let status_of = |id: &str| {
+        snap.calls
+            .iter()
+            .find(|c| c.uniq.as_deref() == Some(id))
+            .and_then(|c| c.call_status)
+    };
+    assert_eq!(status_of("1795304872.2"), Some(6), "fixture 02: no answer");
+    assert_eq!(status_of("1795304895.4"), Some(7), "fixture 03: busy");
+    // One contact for the one client number of fixtures 01-13; tasks only for calls
+    // nobody answered (missed incoming, unanswered outgoing).
+    assert_eq!(snap.contacts_with_phone("79161234567").len(), 1);
+    let unanswered = snap
+        .calls
+        .iter()
+        .filter(|c| c.call_status != Some(4))
+        .count();
+    assert!(
+        !snap.tasks.is_empty() && snap.tasks.len() <= unanswered,
+        "tasks {} for {unanswered} unanswered calls",
+        snap.tasks.len()
+    );
     let link = recorded.link.clone().expect("recording link");
     assert!(
         link.starts_with(&format!("http://{}/records/", w.http)),

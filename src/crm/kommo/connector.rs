@@ -77,6 +77,50 @@ pub struct KommoConnector {
     hooks: Arc<dyn Customize>,
     link_for: LinkFor,
     phone_field: OnceCell<i64>,
+    /// One find-or-create at a time per client number: two calls from a new number
+    /// delivered at once must not both create a contact.
+    client_locks: ClientLocks,
+}
+
+/// Async locks keyed by a client's last 10 digits, dropped when nobody holds them.
+#[derive(Default)]
+struct ClientLocks(
+    std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+);
+
+impl ClientLocks {
+    async fn lock(&self, phone: &str) -> ClientGuard<'_> {
+        let key = crate::phone::last10(phone);
+        let m = {
+            let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(key.clone()).or_default().clone()
+        };
+        let guard = m.clone().lock_owned().await;
+        ClientGuard {
+            locks: self,
+            key,
+            _guard: Some(guard),
+            lock: m,
+        }
+    }
+}
+
+struct ClientGuard<'a> {
+    locks: &'a ClientLocks,
+    key: String,
+    _guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for ClientGuard<'_> {
+    fn drop(&mut self) {
+        self._guard = None;
+        let mut map = self.locks.0.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's copy and ours: nobody else waits for this number.
+        if Arc::strong_count(&self.lock) <= 2 {
+            map.remove(&self.key);
+        }
+    }
 }
 
 fn default_link(call: &CallFull) -> Option<String> {
@@ -348,6 +392,7 @@ impl KommoConnector {
             hooks,
             link_for: Arc::new(default_link),
             phone_field: OnceCell::new(),
+            client_locks: ClientLocks::default(),
         })
     }
 
@@ -1272,8 +1317,10 @@ impl KommoConnector {
             return Ok(json!({"registered": false, "reason": "process_client_phone cancelled"}));
         };
 
+        let client_lock = self.client_locks.lock(&phone).await;
         let contact = self.contact_step(call, &phone, steps).await?;
         let lead = self.lead_step(call, &phone, &contact, steps).await?;
+        drop(client_lock);
         if contact.get("created") == Some(&Value::Bool(false))
             && let Some(id) = as_id(contact.get("id"))
         {
