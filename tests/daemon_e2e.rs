@@ -582,3 +582,49 @@ async fn sigterm_during_burst_then_restart_resumes() {
     assert!(bitrix.values().all(|n| *n == 1));
     daemon.terminate();
 }
+
+/// A slow `process_record_file_path` customization holds up only its own call: a call
+/// that ends after the recorded one is registered first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_recording_hook_does_not_hold_up_other_calls() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = world().await;
+    let hooks = w.dir.path().join("customizations");
+    std::fs::create_dir_all(&hooks).expect("hooks dir");
+    let script = hooks.join("process_record_file_path");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\ncat >/dev/null\nsleep 3\necho '{\"state\":\"success\",\"data\":{}}'\n",
+    )
+    .expect("hook written");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let log = w.dir.path().join("daemon.log");
+    let mut daemon = Daemon::start(&w.config, &log);
+    assert!(w.world.ami.wait_logged_in(1, Duration::from_secs(20)).await);
+    for n in ["01-inbound-answered-recorded", "02-inbound-noanswer-missed"] {
+        let replay = Replay::from_fixture(fixture(n))
+            .expect("fixture")
+            .timed(false);
+        kolokol::sandbox::demo::write_recordings(&w.dir.path().join("spool"), replay.bytes());
+        w.world.ami.play(&replay).await;
+    }
+    wait_until("both calls registered", Duration::from_secs(30), || {
+        registrations(&w).0.len() >= 2
+    })
+    .await;
+    let order: Vec<String> = w
+        .world
+        .kommo
+        .snapshot()
+        .calls
+        .iter()
+        .filter_map(|c| c.uniq.clone())
+        .collect();
+    assert_eq!(
+        order,
+        vec!["1795304872.2".to_string(), "1795304861.0".to_string()],
+        "the unrecorded call 02 went first; log:\n{}",
+        daemon.log_text()
+    );
+    daemon.terminate();
+}

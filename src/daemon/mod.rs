@@ -217,7 +217,9 @@ pub async fn run(
         metrics.clone(),
         tracker_cancel.clone(),
     ));
-    let pipeline = pipeline::Pipeline {
+    let pipeline = Arc::new(pipeline::Pipeline {
+        background: tokio_util::task::TaskTracker::new(),
+        finishing: Mutex::new(std::collections::HashSet::new()),
         store: store.clone(),
         connectors: connectors.clone(),
         hooks: hooks.clone(),
@@ -225,7 +227,7 @@ pub async fn run(
         public_url: config.http.public_url.clone(),
         convert: config.records.convert,
         metrics: metrics.clone(),
-    };
+    });
     let pipeline_task = tokio::spawn(pipeline.run(stage_rx));
 
     if let Some(tx) = on_listening {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio_util::task::TaskTracker;
 
 use crate::calls::{Stage, StageEvent};
 use crate::crm::Connector;
@@ -31,6 +31,10 @@ pub(crate) enum PipelineMsg {
 }
 
 pub(crate) struct Pipeline {
+    /// Background work (recorded calls being finished, conversions), awaited at stop.
+    pub background: TaskTracker,
+    /// Recorded calls whose `call_ended` is being prepared off the pipeline task.
+    pub finishing: std::sync::Mutex<HashSet<String>>,
     pub store: Store,
     pub connectors: Vec<Arc<dyn Connector>>,
     pub hooks: Arc<dyn Customize>,
@@ -44,32 +48,44 @@ pub(crate) struct Pipeline {
 
 impl Pipeline {
     /// Drain stage events until the tracker closes the channel, then wait for the
-    /// background conversions still running.
-    pub(crate) async fn run(self, mut stages: mpsc::Receiver<PipelineMsg>) {
-        let mut conversions = JoinSet::new();
+    /// background work still running.
+    pub(crate) async fn run(self: Arc<Self>, mut stages: mpsc::Receiver<PipelineMsg>) {
         while let Some(msg) = stages.recv().await {
             match msg {
-                PipelineMsg::Stage(ev) => self.stage(ev, &mut conversions).await,
-                PipelineMsg::Resynced { live } => {
-                    self.end_calls_missed_while_down(&live, &mut conversions)
-                        .await
-                }
+                PipelineMsg::Stage(ev) => self.clone().stage(ev).await,
+                PipelineMsg::Resynced { live } => self.end_calls_missed_while_down(&live).await,
             }
-            while conversions.try_join_next().is_some() {}
         }
-        if !conversions.is_empty() {
+        self.background.close();
+        if !self.background.is_empty() {
             tracing::info!(
-                running = conversions.len(),
-                "waiting for recording conversions"
+                running = self.background.len(),
+                "waiting for recorded calls and conversions"
             );
         }
-        while conversions.join_next().await.is_some() {}
+        self.background.wait().await;
         tracing::info!("pipeline stopped");
     }
 
-    async fn stage(&self, mut ev: StageEvent, conversions: &mut JoinSet<()>) {
-        if ev.stage == Stage::CallEnded {
-            self.prepare_records(&mut ev, conversions).await;
+    async fn stage(self: Arc<Self>, ev: StageEvent) {
+        // A recorded call's end waits for `process_record_file_path` (up to its
+        // timeout): do that off this task, so a slow script never holds up other
+        // calls' stages (nor, through backpressure, the AMI reader). Its earlier stages
+        // are already queued, so the call's order holds.
+        if ev.stage == Stage::CallEnded && self.records.is_some() && !record_paths(&ev).is_empty() {
+            if let Ok(mut f) = self.finishing.lock() {
+                f.insert(ev.call_full.id.clone());
+            }
+            let me = self.clone();
+            self.background.spawn(async move {
+                let mut ev = ev;
+                me.prepare_records(&mut ev).await;
+                me.enqueue(&ev).await;
+                if let Ok(mut f) = me.finishing.lock() {
+                    f.remove(&ev.call_full.id);
+                }
+            });
+            return;
         }
         // The outbox also keeps this call's last stage while it is unfinished (same
         // transaction), for `end_calls_missed_while_down`.
@@ -78,11 +94,7 @@ impl Pipeline {
 
     /// After a (re)connect: calls we had seen that Asterisk no longer has ended while
     /// kolokol was down or disconnected. Register them with what is known.
-    async fn end_calls_missed_while_down(
-        &self,
-        live: &HashSet<String>,
-        conversions: &mut JoinSet<()>,
-    ) {
+    async fn end_calls_missed_while_down(self: &Arc<Self>, live: &HashSet<String>) {
         let saved = match self.store.cache_list(LIVE_CALL_KIND).await {
             Ok(s) => s,
             Err(e) => {
@@ -91,7 +103,12 @@ impl Pipeline {
             }
         };
         for (id, value) in saved {
-            if live.contains(&id) {
+            let finishing = self
+                .finishing
+                .lock()
+                .map(|f| f.contains(&id))
+                .unwrap_or(false);
+            if live.contains(&id) || finishing {
                 continue;
             }
             let Ok(mut ev) = serde_json::from_value::<StageEvent>(value) else {
@@ -105,7 +122,7 @@ impl Pipeline {
             ev.call_full
                 .extra
                 .insert("ended_unobserved".into(), Value::Bool(true));
-            self.stage(ev, conversions).await;
+            self.clone().stage(ev).await;
         }
     }
 
@@ -144,20 +161,12 @@ impl Pipeline {
     }
 
     /// Decide each recording's final path and link; start conversions.
-    async fn prepare_records(&self, ev: &mut StageEvent, conversions: &mut JoinSet<()>) {
+    async fn prepare_records(&self, ev: &mut StageEvent) {
         let Some(records) = &self.records else {
             return;
         };
+        let paths = record_paths(ev);
         let call = &ev.call_full;
-        let mut paths: Vec<String> = call
-            .conversations
-            .iter()
-            .map(|(_, c)| c.record.clone())
-            .filter(|r| !r.is_empty())
-            .collect();
-        if !call.record.is_empty() && !paths.contains(&call.record) {
-            paths.push(call.record.clone());
-        }
         if paths.is_empty() {
             return;
         }
@@ -196,7 +205,7 @@ impl Pipeline {
             let records = records.clone();
             let call_id = call.id.clone();
             let store = self.store.clone();
-            conversions.spawn(async move {
+            self.background.spawn(async move {
                 match records.finish(&call_id, &path).await {
                     Ok(outcome) => {
                         tracing::info!(call_id, record_id = %outcome.id, converted = outcome.converted,
@@ -219,4 +228,19 @@ impl Pipeline {
             .extra
             .insert("record_links".into(), Value::Object(links));
     }
+}
+
+/// Every recording a call made: each conversation's, and the call's own.
+fn record_paths(ev: &StageEvent) -> Vec<String> {
+    let call = &ev.call_full;
+    let mut paths: Vec<String> = call
+        .conversations
+        .iter()
+        .map(|(_, c)| c.record.clone())
+        .filter(|r| !r.is_empty())
+        .collect();
+    if !call.record.is_empty() && !paths.contains(&call.record) {
+        paths.push(call.record.clone());
+    }
+    paths
 }
