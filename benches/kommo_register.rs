@@ -4,7 +4,10 @@
 //! many requests one call costs; this prints that per scenario, then the connector's
 //! own ceiling with the limit lifted (CPU cost of kolokol + sandbox, not Kommo's).
 //!
-//! `cargo bench --bench kommo_register` (env `CALLS=N` to change the count).
+//! Then a backlog (calls queued during an outage) drained at the real limit of 7
+//! requests/s, with and without batching: requests per call and time to drain.
+//!
+//! `cargo bench --bench kommo_register` (env `CALLS=N`, `BACKLOG=N` to change the counts).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -71,6 +74,40 @@ async fn run(c: &Arc<KommoConnector>, jobs: Vec<Job>, parallel: usize) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
+/// Drain `n` queued calls at 7 requests/s with `parallel` deliveries in flight.
+async fn backlog(n: usize, batch_size: usize, parallel: usize) {
+    let s = SandboxKommo::start().await.expect("sandbox");
+    s.set_rate_limit(7.0);
+    let mut cfg = KommoConfig {
+        base_url: s.base_url(),
+        long_lived_token: Some(sb::LONG_LIVED_TOKEN.into()),
+        rate_limit: 7.0,
+        batch_size,
+        ..Default::default()
+    };
+    cfg.users.insert("101".into(), 5002);
+    let c = Arc::new(
+        KommoConnector::new(
+            cfg,
+            Arc::new(MemoryTokenStore::default()),
+            Arc::new(NoCustomizations),
+        )
+        .expect("connector"),
+    );
+    let jobs: Vec<Job> = (0..n)
+        .map(|i| call(20_000 + i, format!("7905{i:07}"), i % 3 != 0))
+        .collect();
+    let secs = run(&c, jobs, parallel).await;
+    let snap = s.snapshot();
+    let refused = snap.requests.iter().filter(|r| r.status == 429).count();
+    println!(
+        "| {batch_size} | {parallel} | {n} | {} | {:.2} | {secs:.1} s | {:.2} | {refused} |",
+        snap.requests.len(),
+        snap.requests.len() as f64 / n as f64,
+        n as f64 / secs,
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let n: usize = std::env::var("CALLS")
@@ -132,4 +169,17 @@ async fn main() {
         n as f64 / secs,
         reqs as f64 / secs
     );
+
+    let b: usize = std::env::var("BACKLOG")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    println!("\nBacklog of {b} calls (new numbers, 1/3 missed) at Kommo's 7 requests/s:");
+    println!(
+        "| batch_size | in flight | calls | requests | requests/call | drained in | calls/s | 429s |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    backlog(b, 1, 4).await;
+    backlog(b, 50, 4).await;
+    backlog(b, 50, 16).await;
 }

@@ -1012,3 +1012,135 @@ async fn crash_after_kommo_accepted_the_call_does_not_duplicate_it() {
         assert_eq!(snap.tasks[0].entity_id, Some(snap.leads[0].id));
     }
 }
+
+// ------------------------------------------------------------------ batching
+
+/// Calls from `n` new numbers, each missed (contact, lead, call note and task).
+fn missed_calls(n: usize) -> Vec<CallFull> {
+    (0..n)
+        .map(|i| inbound_missed(&format!("1795305000.{i}"), &format!("7916555{i:04}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn concurrent_registrations_share_array_requests() {
+    let s = sandbox().await;
+    // Kommo answering in 60 ms lets the next items gather behind a request in flight.
+    s.set_latency(Duration::from_millis(60));
+    let c = connector(config(&s));
+    let calls = missed_calls(12);
+    let results =
+        futures::future::join_all(calls.iter().map(|call| deliver(&c, call.clone()))).await;
+    for r in &results {
+        assert_eq!(r.as_ref().unwrap()["registered"], json!(true), "{r:?}");
+    }
+    let snap = s.snapshot();
+    assert_eq!(snap.contacts.len(), 12);
+    assert_eq!(snap.leads.len(), 12);
+    assert_eq!(snap.calls.len(), 12);
+    assert_eq!(snap.tasks.len(), 12);
+    // Every item reached its own entity, whatever batch it travelled in.
+    for call in &calls {
+        let phone = format!("+{}", call.client_phone);
+        let note = snap
+            .calls
+            .iter()
+            .find(|n| n.uniq.as_deref() == Some(call.id.as_str()))
+            .unwrap_or_else(|| panic!("call note of {}", call.id));
+        assert_eq!(note.phone, phone);
+        let contact = snap.contacts_with_phone(&phone);
+        assert_eq!(contact.len(), 1, "one contact for {phone}");
+        let lead = snap
+            .leads
+            .iter()
+            .find(|l| l.contact_ids == vec![contact[0].id])
+            .expect("lead of the contact");
+        assert_eq!(
+            (note.entity_type.as_str(), note.entity_id),
+            ("lead", lead.id)
+        );
+        let task = snap
+            .tasks
+            .iter()
+            .find(|t| t.entity_id == Some(lead.id))
+            .expect("task on the lead");
+        assert_eq!(task.entity_type.as_deref(), Some("leads"));
+    }
+    let posts = |path| s.snapshot().count("POST", path, 200);
+    for path in [
+        "/api/v4/contacts",
+        "/api/v4/leads",
+        "/api/v4/calls",
+        "/api/v4/tasks",
+    ] {
+        let n = posts(path);
+        assert!(n >= 1 && n < 12, "{path}: 12 items in {n} requests");
+    }
+}
+
+#[tokio::test]
+async fn batch_size_one_sends_every_item_alone() {
+    let s = sandbox().await;
+    s.set_latency(Duration::from_millis(30));
+    let mut cfg = config(&s);
+    cfg.batch_size = 1;
+    let c = connector(cfg);
+    let calls = missed_calls(5);
+    let results =
+        futures::future::join_all(calls.iter().map(|call| deliver(&c, call.clone()))).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(s.snapshot().count("POST", "/api/v4/calls", 200), 5);
+}
+
+#[tokio::test]
+async fn a_batch_split_after_a_400_keeps_every_good_item() {
+    // Within one connector: two of five call notes are made invalid by the hook.
+    struct BadFor(&'static [&'static str]);
+    impl Customize for BadFor {
+        fn run<'a>(
+            &'a self,
+            hook: &'a str,
+            input: Value,
+            call_id: &'a str,
+        ) -> Pin<Box<dyn Future<Output = HookOutcome> + Send + 'a>> {
+            Box::pin(async move {
+                if hook == "process_call_params" && self.0.contains(&call_id) {
+                    let mut p = input;
+                    p["call_status"] = json!(42);
+                    return HookOutcome::Data(p);
+                }
+                HookOutcome::Default {
+                    reason: "not installed".into(),
+                }
+            })
+        }
+    }
+    let s = sandbox().await;
+    s.set_latency(Duration::from_millis(60));
+    let c = KommoConnector::new(
+        config(&s),
+        Arc::new(MemoryTokenStore::default()),
+        Arc::new(BadFor(&["1795305000.1", "1795305000.3"])),
+    )
+    .unwrap();
+    let calls = missed_calls(5);
+    let results =
+        futures::future::join_all(calls.iter().map(|call| deliver(&c, call.clone()))).await;
+    for (call, r) in calls.iter().zip(&results) {
+        let bad = call.id.ends_with(".1") || call.id.ends_with(".3");
+        match r {
+            Err(CrmError::Rejected { message }) if bad => {
+                assert!(message.contains("call_status"), "{message}")
+            }
+            Ok(v) if !bad => assert_eq!(v["registered"], json!(true)),
+            other => panic!("{}: {other:?}", call.id),
+        }
+    }
+    let uniqs: Vec<_> = s
+        .snapshot()
+        .calls
+        .iter()
+        .filter_map(|n| n.uniq.clone())
+        .collect();
+    assert_eq!(uniqs.len(), 3, "{uniqs:?}");
+}

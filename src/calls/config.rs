@@ -53,6 +53,13 @@ pub enum CallsConfigError {
     TimeOffset(String),
 }
 
+/// [`parse_offset`], or UTC when `s` is not an offset (the tracker refuses such a
+/// config at start, so this only matters to tools that read call_full elsewhere).
+pub fn offset_or_utc(s: &str) -> chrono::FixedOffset {
+    use chrono::Offset;
+    parse_offset(s).unwrap_or_else(|_| chrono::Utc.fix())
+}
+
 /// Parse `+03:00`, `-0530`, `Z`, `UTC` into a chrono offset.
 pub(crate) fn parse_offset(s: &str) -> Result<chrono::FixedOffset, CallsConfigError> {
     let bad = || CallsConfigError::TimeOffset(s.to_string());

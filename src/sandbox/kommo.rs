@@ -131,6 +131,8 @@ pub struct Logged {
     pub method: String,
     pub path: String,
     pub status: u16,
+    /// Items in the body when it is a JSON array (a batch), else 0.
+    pub items: usize,
 }
 
 /// A copy of the account's state, for assertions.
@@ -458,7 +460,7 @@ fn validation(errs: Vec<VErr>) -> Response {
         }
     }
     let body = json!({
-        "validation-errors": items.into_iter().map(|(i, errors)| json!({"request_id": i.to_string(), "errors": errors})).collect::<Vec<_>>(),
+        "validation-errors": items.into_iter().map(|(i, errors)| json!({"request_id": rid(i), "errors": errors})).collect::<Vec<_>>(),
         "title": "Bad Request",
         "type": "https://httpstatus.es/400",
         "status": 400,
@@ -504,10 +506,15 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         .unwrap_or_default();
     let mut st = shared.lock();
     let resp = route(&mut st, &method, &path, &query, auth.as_deref(), &body);
+    let items = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Array(a)) => a.len(),
+        _ => 0,
+    };
     st.snap.requests.push(Logged {
         method: method.to_string(),
         path,
         status: resp.status().as_u16(),
+        items,
     });
     resp
 }
@@ -606,9 +613,35 @@ fn route(
     }
 }
 
+thread_local! {
+    /// The `request_id`s of the batch being handled (handlers run synchronously).
+    static REQUEST_IDS: std::cell::RefCell<Vec<Option<String>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The `request_id` to echo for item `i`: the client's own, else the item's index
+/// (as Kommo does).
+fn rid(i: usize) -> String {
+    REQUEST_IDS
+        .with(|ids| ids.borrow().get(i).cloned().flatten())
+        .unwrap_or_else(|| i.to_string())
+}
+
 fn batch(json: Option<Value>, f: impl FnOnce(&[Value]) -> Response) -> Response {
     match json {
-        Some(Value::Array(a)) if !a.is_empty() && a.len() <= 250 => f(&a),
+        Some(Value::Array(a)) if !a.is_empty() && a.len() <= 250 => {
+            let ids = a
+                .iter()
+                .map(|v| match v.get("request_id") {
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(Value::Number(n)) => Some(n.to_string()),
+                    _ => None,
+                })
+                .collect();
+            REQUEST_IDS.with(|r| *r.borrow_mut() = ids);
+            let resp = f(&a);
+            REQUEST_IDS.with(|r| r.borrow_mut().clear());
+            resp
+        }
         Some(Value::Array(a)) if !a.is_empty() => validation(vec![(
             0,
             "TooManyItems",
@@ -910,7 +943,7 @@ fn create_contacts(st: &mut St, arr: &[Value]) -> Response {
             tags,
             lead_ids: vec![],
         });
-        out.push(json!({"id": id, "request_id": i.to_string(), "_links": {"self": {"href": format!("/api/v4/contacts/{id}")}}}));
+        out.push(json!({"id": id, "request_id": rid(i), "_links": {"self": {"href": format!("/api/v4/contacts/{id}")}}}));
     }
     created("contacts", out)
 }
@@ -1070,7 +1103,7 @@ fn create_leads(st: &mut St, arr: &[Value]) -> Response {
             contact_ids,
             tags,
         });
-        out.push(json!({"id": id, "request_id": i.to_string(), "_links": {"self": {"href": format!("/api/v4/leads/{id}")}}}));
+        out.push(json!({"id": id, "request_id": rid(i), "_links": {"self": {"href": format!("/api/v4/leads/{id}")}}}));
     }
     created("leads", out)
 }
@@ -1223,7 +1256,7 @@ fn create_calls(st: &mut St, arr: &[Value]) -> Response {
                 n.id = st.id();
                 n.entity_type = etype.into();
                 n.entity_id = eid;
-                out.push(json!({"id": n.id, "entity_id": eid, "entity_type": etype, "account_id": ACCOUNT_ID, "request_id": i.to_string()}));
+                out.push(json!({"id": n.id, "entity_id": eid, "entity_type": etype, "account_id": ACCOUNT_ID, "request_id": rid(i)}));
                 if let Some(w) = &st.call_watch {
                     let _ = w.send(CallSeen {
                         uniq: n.uniq.clone(),
@@ -1233,7 +1266,7 @@ fn create_calls(st: &mut St, arr: &[Value]) -> Response {
                 st.snap.calls.push(n);
             }
             None => errors.push(json!({
-                "request_id": i.to_string(), "status": 404, "title": "Not Found",
+                "request_id": rid(i), "status": 404, "title": "Not Found",
                 "detail": "Entity with this phone number not found",
             })),
         }
@@ -1451,7 +1484,7 @@ fn create_unsorted(st: &mut St, arr: &[Value]) -> Response {
             });
         }
         out.push(json!({
-            "uid": uid, "account_id": ACCOUNT_ID, "request_id": i.to_string(),
+            "uid": uid, "account_id": ACCOUNT_ID, "request_id": rid(i),
             "_embedded": {"leads": [{"id": lid}], "contacts": [{"id": cid}], "companies": []},
         }));
     }
@@ -1531,7 +1564,7 @@ fn create_tasks(st: &mut St, arr: &[Value]) -> Response {
     let mut out = Vec::new();
     for (i, mut t) in tasks.into_iter().enumerate() {
         t.id = st.id();
-        out.push(json!({"id": t.id, "request_id": i.to_string(), "_links": {"self": {"href": format!("/api/v4/tasks/{}", t.id)}}}));
+        out.push(json!({"id": t.id, "request_id": rid(i), "_links": {"self": {"href": format!("/api/v4/tasks/{}", t.id)}}}));
         st.snap.tasks.push(t);
     }
     created("tasks", out)
@@ -1606,7 +1639,7 @@ fn patch_tasks(st: &mut St, arr: &[Value]) -> Response {
             if let Some(x) = v.get("text").and_then(Value::as_str) {
                 t.text = x.into();
             }
-            out.push(json!({"id": id, "request_id": i.to_string()}));
+            out.push(json!({"id": id, "request_id": rid(i)}));
         }
     }
     created("tasks", out)

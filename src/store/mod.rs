@@ -95,7 +95,7 @@ impl Default for StorageConfig {
             retry_min: Duration::from_secs(2),
             retry_max: Duration::from_secs(10 * 60),
             blocked_pause: Duration::from_secs(5 * 60),
-            concurrency: 4,
+            concurrency: 16,
             poll_interval: Duration::from_secs(2),
             keep_done: Duration::from_secs(7 * 24 * 3600),
         }

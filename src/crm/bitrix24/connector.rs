@@ -517,7 +517,7 @@ impl Bitrix24 {
             "USER_ID": user_id,
             "PHONE_NUMBER": phone,
             "TYPE": ty,
-            "CALL_START_DATE": start_date(call),
+            "CALL_START_DATE": start_date(call, crate::calls::config::offset_or_utc(&self.cfg.time_offset)),
             "CRM_CREATE": if self.cfg.crm_create { 1 } else { 0 },
             "SHOW": if show { 1 } else { 0 },
             "LINE_NUMBER": call.line_number,
@@ -1353,9 +1353,9 @@ fn field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
 }
 
-/// `CALL_START_DATE`: the call's start (`start_time`, else the main channel's, PBX
-/// local time) in ISO-8601; now when unknown.
-fn start_date(call: &CallFull) -> String {
+/// `CALL_START_DATE`: the call's start (`start_time`, else the main channel's, written
+/// at `offset` by the tracker) in ISO-8601; now when unknown.
+fn start_date(call: &CallFull, offset: chrono::FixedOffset) -> String {
     let v = view(call);
     let candidates = [
         field(&v, "start_time"),
@@ -1368,12 +1368,13 @@ fn start_date(call: &CallFull) -> String {
             if t.year() < 2000 {
                 continue;
             }
-            if let Some(local) = chrono::Local.from_local_datetime(&t).earliest() {
+            if let Some(local) = offset.from_local_datetime(&t).single() {
                 return local.format("%Y-%m-%dT%H:%M:%S%:z").to_string();
             }
         }
     }
-    chrono::Local::now()
+    chrono::Utc::now()
+        .with_timezone(&offset)
         .format("%Y-%m-%dT%H:%M:%S%:z")
         .to_string()
 }
@@ -1519,7 +1520,15 @@ mod tests {
         assert_eq!(all_employees(&c), vec!["103", "101", "102"]);
         assert!(is_transfer_leg(&c, Some("9.1")));
         assert!(!is_transfer_leg(&c, Some("9.2")));
-        assert!(!start_date(&c).starts_with("0001"), "unset time → now");
+        let utc = chrono::FixedOffset::east_opt(0).unwrap();
+        assert!(!start_date(&c, utc).starts_with("0001"), "unset time → now");
+        let mut timed = c.clone();
+        timed
+            .extra
+            .insert("start_time".into(), json!("2026-11-21 23:47:41"));
+        let msk = chrono::FixedOffset::east_opt(3 * 3600).unwrap();
+        assert_eq!(start_date(&timed, msk), "2026-11-21T23:47:41+03:00");
+        assert_eq!(start_date(&timed, utc), "2026-11-21T23:47:41+00:00");
         let v = view(&c);
         assert_eq!(
             v["variables"]

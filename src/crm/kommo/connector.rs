@@ -30,6 +30,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
+use super::batch::{Batcher, ItemAnswer};
 use super::client::{KommoClient, KommoError};
 use super::{KommoConfig, NAME};
 use crate::calls::{CallFull, Direction, Stage};
@@ -73,10 +74,14 @@ struct FoundContact {
 /// The Kommo connector: plug into the outbox as `Arc<dyn Connector>`.
 pub struct KommoConnector {
     cfg: KommoConfig,
-    client: KommoClient,
+    client: Arc<KommoClient>,
+    /// One batcher per array endpoint we create things with.
+    batches: Batches,
     hooks: Arc<dyn Customize>,
     link_for: LinkFor,
     phone_field: OnceCell<i64>,
+    /// `[calls] time_offset`, to read call_full's times.
+    offset: chrono::FixedOffset,
     /// One find-or-create at a time per client number: two calls from a new number
     /// delivered at once must not both create a contact.
     client_locks: ClientLocks,
@@ -249,25 +254,25 @@ fn now_unix() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-/// A `call_full` time (`YYYY-MM-DD HH:MM:SS`, the PBX's local time) as unix seconds;
-/// `None` for Itgrix's "no time" value `0001-01-01 00:00:00` or garbage.
-fn local_time(v: Option<&Value>) -> Option<i64> {
+/// A `call_full` time (`YYYY-MM-DD HH:MM:SS`, written at `[calls] time_offset`) as unix
+/// seconds; `None` for Itgrix's "no time" value `0001-01-01 00:00:00` or garbage.
+fn local_time(v: Option<&Value>, offset: chrono::FixedOffset) -> Option<i64> {
     use chrono::TimeZone;
     let s = v?.as_str()?;
     let t = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").ok()?;
     if t.and_utc().timestamp() <= 0 {
         return None;
     }
-    chrono::Local
+    offset
         .from_local_datetime(&t)
-        .earliest()
+        .single()
         .map(|d| d.timestamp())
 }
 
 /// When the call started (unix seconds): `call_full.created_at` / `start_timestamp`
 /// if the tracker gave one, else the earliest channel `start_time`, else the end of
 /// the call minus its duration.
-fn started_at(call: &CallFull) -> i64 {
+fn started_at(call: &CallFull, offset: chrono::FixedOffset) -> i64 {
     let view = crate::crm::call_view(call);
     if let Some(t) = ["created_at", "start_timestamp"]
         .iter()
@@ -275,11 +280,16 @@ fn started_at(call: &CallFull) -> i64 {
     {
         return t;
     }
-    let mut earliest: Option<i64> =
-        local_time(view.get("channel").and_then(|c| c.get("start_time")));
+    let mut earliest: Option<i64> = local_time(
+        view.get("channel").and_then(|c| c.get("start_time")),
+        offset,
+    );
     if let Some(convs) = view.get("conversations").and_then(Value::as_object) {
         for conv in convs.values() {
-            if let Some(t) = local_time(conv.get("channel").and_then(|c| c.get("start_time"))) {
+            if let Some(t) = local_time(
+                conv.get("channel").and_then(|c| c.get("start_time")),
+                offset,
+            ) {
                 earliest = Some(earliest.map_or(t, |e| e.min(t)));
             }
         }
@@ -361,20 +371,27 @@ fn tags_to_embedded(mut p: Value) -> Value {
     p
 }
 
-/// The first item of `_embedded.<key>` of a batch answer, and the batch's errors.
-fn first_embedded(body: &Value, key: &str) -> (Option<Value>, Vec<Value>) {
-    let item = body
-        .pointer(&format!("/_embedded/{key}"))
-        .and_then(Value::as_array)
-        .and_then(|a| a.first())
-        .cloned();
-    let mut errors: Vec<Value> = Vec::new();
-    for p in ["/_embedded/errors", "/errors"] {
-        if let Some(a) = body.pointer(p).and_then(Value::as_array) {
-            errors.extend(a.iter().cloned());
+/// The batchers of the endpoints registration creates things with.
+struct Batches {
+    contacts: Arc<Batcher>,
+    leads: Arc<Batcher>,
+    unsorted: Arc<Batcher>,
+    calls: Arc<Batcher>,
+    tasks: Arc<Batcher>,
+}
+
+impl Batches {
+    fn new(client: &Arc<KommoClient>, cfg: &KommoConfig) -> Batches {
+        let b =
+            |path, key| Batcher::new(client.clone(), path, key, cfg.batch_size, cfg.batch_window);
+        Batches {
+            contacts: b("/api/v4/contacts", "contacts"),
+            leads: b("/api/v4/leads", "leads"),
+            unsorted: b("/api/v4/leads/unsorted/sip", "unsorted"),
+            calls: b("/api/v4/calls", "calls"),
+            tasks: b("/api/v4/tasks", "tasks"),
         }
     }
-    (item, errors)
 }
 
 impl KommoConnector {
@@ -385,13 +402,17 @@ impl KommoConnector {
         store: Arc<dyn crate::crm::TokenStore>,
         hooks: Arc<dyn Customize>,
     ) -> Result<Self, KommoError> {
-        let client = KommoClient::new(&cfg, store)?;
+        let client = Arc::new(KommoClient::new(&cfg, store)?);
+        let batches = Batches::new(&client, &cfg);
+        let offset = cfg.call_time_offset();
         Ok(KommoConnector {
             cfg,
             client,
+            batches,
             hooks,
             link_for: Arc::new(default_link),
             phone_field: OnceCell::new(),
+            offset,
             client_locks: ClientLocks::default(),
         })
     }
@@ -741,7 +762,7 @@ impl KommoConnector {
             let mut params = json!({
                 "source_uid": call.id,
                 "source_name": self.cfg.source,
-                "created_at": started_at(call),
+                "created_at": started_at(call, self.offset),
                 "metadata": {
                     "is_call_event_needed": false,
                     "uniq": call.id,
@@ -749,7 +770,7 @@ impl KommoConnector {
                     "service_code": self.cfg.source,
                     "link": (self.link_for)(call).unwrap_or_default(),
                     "phone": phone,
-                    "called_at": started_at(call),
+                    "called_at": started_at(call, self.offset),
                     "from": phone,
                 },
                 "_embedded": {"leads": [lead], "contacts": [contact]},
@@ -771,11 +792,7 @@ impl KommoConnector {
                 Params::Send(p) => p,
             };
             record(steps, "contact_sent", json!({"unsorted": true}))?;
-            let body = self
-                .client
-                .post("/api/v4/leads/unsorted/sip", &json!([params]))
-                .await?;
-            let (item, errors) = first_embedded(&body, "unsorted");
+            let ItemAnswer { item, errors } = self.batches.unsorted.submit(params).await?;
             let item = item.ok_or_else(|| CrmError::Rejected {
                 message: format!("Kommo did not create the unsorted lead: {errors:?}"),
             })?;
@@ -822,11 +839,7 @@ impl KommoConnector {
             Params::Send(p) => tags_to_embedded(p),
         };
         record(steps, "contact_sent", json!({}))?;
-        let body = self
-            .client
-            .post("/api/v4/contacts", &json!([params]))
-            .await?;
-        let (item, errors) = first_embedded(&body, "contacts");
+        let ItemAnswer { item, errors } = self.batches.contacts.submit(params.clone()).await?;
         let id = item.as_ref().and_then(|i| as_id(i.get("id")));
         let Some(id) = id else {
             return Err(CrmError::Rejected {
@@ -910,8 +923,7 @@ impl KommoConnector {
             Params::Send(p) => p,
         };
         record(steps, "lead_sent", json!({}))?;
-        let body = self.client.post("/api/v4/leads", &json!([params])).await?;
-        let (item, errors) = first_embedded(&body, "leads");
+        let ItemAnswer { item, errors } = self.batches.leads.submit(params.clone()).await?;
         let Some(id) = item.as_ref().and_then(|i| as_id(i.get("id"))) else {
             return Err(CrmError::Rejected {
                 message: format!("Kommo did not create the lead: {errors:?}"),
@@ -1029,7 +1041,7 @@ impl KommoConnector {
             "phone": phone,
             "call_status": status,
             "call_result": result,
-            "created_at": started_at(call),
+            "created_at": started_at(call, self.offset),
         });
         if let Some(link) = (self.link_for)(call) {
             params["link"] = json!(link);
@@ -1049,8 +1061,7 @@ impl KommoConnector {
             Params::Send(p) => p,
         };
         record(steps, "call_sent", json!({"uniq": params.get("uniq")}))?;
-        let body = self.client.post("/api/v4/calls", &json!([params])).await?;
-        let (item, errors) = first_embedded(&body, "calls");
+        let ItemAnswer { item, errors } = self.batches.calls.submit(params.clone()).await?;
         let v = match item {
             Some(i) => json!({
                 "added": true, "id": i.get("id"), "entity_id": i.get("entity_id"),
@@ -1194,8 +1205,7 @@ impl KommoConnector {
             return record(steps, "task", found);
         }
         record(steps, "task_sent", json!({}))?;
-        let body = self.client.post("/api/v4/tasks", &json!([params])).await?;
-        let (item, errors) = first_embedded(&body, "tasks");
+        let ItemAnswer { item, errors } = self.batches.tasks.submit(params.clone()).await?;
         let Some(id) = item.as_ref().and_then(|i| as_id(i.get("id"))) else {
             return Err(CrmError::Rejected {
                 message: format!("Kommo did not create the task: {errors:?}"),
@@ -1482,14 +1492,17 @@ mod tests {
         let mut c = call(Direction::Inbound);
         c.extra["conversations"]["1.1"]["channel"]["start_time"] = json!("2026-11-21 23:47:41");
         c.extra["conversations"]["1.2"]["channel"]["start_time"] = json!("0001-01-01 00:00:00");
-        let want = chrono::Local
+        let utc = chrono::FixedOffset::east_opt(0).unwrap();
+        let msk = chrono::FixedOffset::east_opt(3 * 3600).unwrap();
+        let want = chrono::Utc
             .with_ymd_and_hms(2026, 11, 21, 23, 47, 41)
-            .earliest()
             .unwrap()
             .timestamp();
-        assert_eq!(started_at(&c), want);
+        assert_eq!(started_at(&c, utc), want);
+        // The same wall-clock time written at +03:00 is three hours earlier.
+        assert_eq!(started_at(&c, msk), want - 3 * 3600);
         c.extra.insert("created_at".into(), json!(5));
-        assert_eq!(started_at(&c), 5);
+        assert_eq!(started_at(&c, msk), 5);
     }
 
     #[test]
