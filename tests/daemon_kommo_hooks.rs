@@ -1,0 +1,719 @@
+//! The real `kolokol run` binary with only Kommo configured: the recorded fixtures
+//! replayed by the simulated PBX over TCP, the sandbox Kommo over HTTP, a real SQLite
+//! state dir and a real customizations folder of executable scripts.
+//!
+//! Each test looks at the Kommo account afterwards the way a manager would, call by
+//! call: one contact per new client number, its lead, one call note per call with the
+//! right direction / status / duration / recording link / responsible user, call-back
+//! tasks only for calls nobody answered, the internal call nowhere; then the same with
+//! every Kommo customization changing something visible, and with customizations that
+//! fail in every way the contract names.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use kolokol::sandbox::ami_server::{FakeAmi, FakeAmiOptions, FakeUser, Replay};
+use kolokol::sandbox::kommo::{self as sk, CallNote, Contact, Lead, SandboxKommo, Snapshot};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kolokol");
+const AMI_USER: &str = "kolokol";
+const AMI_SECRET: &str = "kolokol-test";
+/// `[kommo.users]` of every test.
+const USER_101: i64 = 5002;
+const USER_102: i64 = 5003;
+/// Generous: a loaded 2-core CI machine runs several of these daemons at once.
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// The client number of fixtures 01-13.
+const CLIENT: &str = "79161234567";
+
+/// Every fixture with calls, in recording order (14 has none).
+const FIXTURES: &[&str] = &[
+    "01-inbound-answered-recorded",
+    "02-inbound-noanswer-missed",
+    "03-inbound-busy",
+    "04-inbound-ringgroup-102-answers",
+    "05-inbound-queue-101-answers",
+    "06-inbound-blind-transfer-101-to-102",
+    "07-inbound-attended-transfer-101-to-102",
+    "08-outbound-101-answered",
+    "09-outbound-101-noanswer",
+    "10-internal-101-to-102",
+    "11-click-to-call-originate",
+    "12-inbound-fastagi-autodistribution",
+    "13-inbound-abandoned-while-ringing",
+    "15-burst-20-concurrent",
+    "16-inbound-blind-transfer-sip-refer",
+    "17-inbound-queue-local-members-102-answers",
+];
+
+fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+// ------------------------------------------------------------------ expected calls
+
+/// One call of a fixture, as `tests/fixtures/expected/` describes it, with its id.
+#[derive(Debug, Clone)]
+struct Expected {
+    fixture: &'static str,
+    /// The Linkedid (our call id, Kommo's `uniq`); for the burst, found by caller.
+    id: String,
+    direction: String,
+    client_phone: String,
+    answered: bool,
+    answered_by: String,
+    min_conversations: u64,
+    line_number: String,
+    record: bool,
+}
+
+impl Expected {
+    fn kommo_phone(&self) -> String {
+        format!("+{}", self.client_phone)
+    }
+    fn busy(&self) -> bool {
+        self.fixture.contains("busy")
+    }
+    /// Missed incoming or unanswered outgoing: a call-back task is due.
+    fn wants_task(&self) -> bool {
+        !self.answered && self.direction != "internal"
+    }
+}
+
+/// The Linkedids a fixture's events carry, in order of first appearance.
+fn linkedids(bytes: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out: Vec<String> = Vec::new();
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("Linkedid: ") {
+            let v = v.trim().to_string();
+            if !v.is_empty() && !out.contains(&v) {
+                out.push(v);
+            }
+        }
+    }
+    out
+}
+
+/// The burst's Linkedid of each caller, from the events (the caller's trunk channel
+/// is the one that starts its call).
+fn burst_ids(bytes: &[u8]) -> BTreeMap<String, String> {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = BTreeMap::new();
+    for block in text.split("\r\n\r\n") {
+        let field = |k: &str| {
+            block
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}: ")))
+                .map(|v| v.trim().to_string())
+        };
+        if field("Event").as_deref() != Some("Newchannel") {
+            continue;
+        }
+        let (Some(num), Some(uid), Some(linked)) =
+            (field("CallerIDNum"), field("Uniqueid"), field("Linkedid"))
+        else {
+            continue;
+        };
+        if uid == linked && num.starts_with("7916555") {
+            out.entry(num).or_insert(linked);
+        }
+    }
+    out
+}
+
+fn expected(fixture: &'static str) -> Vec<Expected> {
+    let path = fixtures_dir()
+        .join("expected")
+        .join(format!("{fixture}.json"));
+    let text = std::fs::read_to_string(&path).expect("expected file");
+    let v: Value = serde_json::from_str(&text).expect("expected JSON");
+    let bytes = std::fs::read(fixtures_dir().join("ami").join(format!("{fixture}.ami")))
+        .expect("fixture bytes");
+    let ids = linkedids(&bytes);
+    let burst = burst_ids(&bytes);
+    let calls = v["calls"].as_array().expect("calls").clone();
+    calls
+        .iter()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or("").to_string();
+            let client_phone = s("client_phone");
+            let id = if calls.len() == 1 {
+                assert_eq!(ids.len(), 1, "{fixture}: one call, one Linkedid: {ids:?}");
+                ids[0].clone()
+            } else {
+                burst
+                    .get(&client_phone)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("{fixture}: no call of {client_phone}"))
+            };
+            Expected {
+                fixture,
+                id,
+                direction: s("direction"),
+                client_phone,
+                answered: c["answered"].as_bool().unwrap_or(false),
+                answered_by: s("answered_by"),
+                min_conversations: c["min_conversations"].as_u64().unwrap_or(0),
+                line_number: s("line_number"),
+                record: c["record"].as_bool().unwrap_or(false),
+            }
+        })
+        .collect()
+}
+
+fn user_of(ext: &str) -> Option<i64> {
+    match ext {
+        "101" => Some(USER_101),
+        "102" => Some(USER_102),
+        _ => None,
+    }
+}
+
+// ------------------------------------------------------------------ the world
+
+struct Env {
+    dir: tempfile::TempDir,
+    ami: FakeAmi,
+    kommo: SandboxKommo,
+    config: PathBuf,
+    http: String,
+    hooks: PathBuf,
+}
+
+/// A simulated PBX, a sandbox Kommo and a Kommo-only config. `kommo_extra` and
+/// `customizations_extra` are TOML lines added to those sections.
+async fn env(kommo_extra: &str, customizations_extra: &str) -> Env {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spool = dir.path().join("spool");
+    let state = dir.path().join("state");
+    let hooks = dir.path().join("customizations");
+    for d in [&spool, &state, &hooks] {
+        std::fs::create_dir_all(d).expect("dirs");
+    }
+    let ami = FakeAmi::start(FakeAmiOptions {
+        users: vec![FakeUser::new(AMI_USER, AMI_SECRET, false)],
+        ..FakeAmiOptions::default()
+    })
+    .await
+    .expect("fake AMI");
+    let kommo = SandboxKommo::start().await.expect("sandbox Kommo");
+    // No rate limit in the sandbox here; kolokol's own pacing matches.
+    kommo.set_rate_limit(1000.0);
+    let http = format!("127.0.0.1:{}", free_port());
+    let toml = format!(
+        r#"[ami]
+host = "127.0.0.1"
+port = {ami_port}
+username = "{AMI_USER}"
+secret = "{AMI_SECRET}"
+ping_interval = "5s"
+
+[customizations]
+dir = "{hooks}"
+{customizations_extra}
+
+[records]
+dir = "{spool}"
+pbx_dir = "/var/spool/asterisk/monitor"
+
+[storage]
+state_dir = "{state}"
+retry_min = "200ms"
+retry_max = "2s"
+
+[agi]
+listen = "127.0.0.1:0"
+
+[http]
+listen = "{http}"
+public_url = "http://{http}"
+
+[kommo]
+base_url = "{base}"
+long_lived_token = "{token}"
+default_responsible_user_id = {admin}
+rate_limit = 1000.0
+{kommo_extra}
+
+[kommo.users]
+"101" = {USER_101}
+"102" = {USER_102}
+"#,
+        ami_port = ami.local_addr().port(),
+        hooks = hooks.display(),
+        spool = spool.display(),
+        state = state.display(),
+        base = kommo.base_url(),
+        token = sk::LONG_LIVED_TOKEN,
+        admin = sk::ADMIN_USER_ID,
+    );
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, toml).expect("config written");
+    Env {
+        dir,
+        ami,
+        kommo,
+        config,
+        http,
+        hooks,
+    }
+}
+
+impl Env {
+    /// Install an executable customization script.
+    fn hook(&self, name: &str, body: &str) {
+        let path = self.hooks.join(name);
+        std::fs::write(&path, body).expect("hook written");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
+    /// A file in the test's folder (hooks write their logs there).
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Replay a fixture as recorded (original ids), with its recordings in the spool.
+    async fn play(&self, fixture: &str) {
+        let replay =
+            Replay::from_fixture(fixtures_dir().join("ami").join(format!("{fixture}.ami")))
+                .expect("fixture")
+                .timed(false);
+        kolokol::sandbox::demo::write_recordings(&self.dir.path().join("spool"), replay.bytes());
+        self.ami.play(&replay).await;
+    }
+
+    fn snap(&self) -> Snapshot {
+        self.kommo.snapshot()
+    }
+
+    /// `/healthz` of the daemon: (live calls, pending jobs, dead jobs).
+    async fn health(&self) -> Option<(u64, u64, u64)> {
+        let resp = reqwest::get(format!("http://{}/healthz", self.http))
+            .await
+            .ok()?;
+        let v: Value = resp.json().await.ok()?;
+        Some((
+            v["live_calls"].as_u64()?,
+            v["outbox"]["pending"].as_u64()?,
+            v["outbox"]["dead"].as_u64()?,
+        ))
+    }
+
+    /// Wait until the daemon has no live call and no pending job. Call it after the
+    /// work is known to have reached the outbox.
+    async fn settled(&self, daemon: &Daemon) {
+        let start = Instant::now();
+        loop {
+            if let Some((0, 0, _)) = self.health().await {
+                return;
+            }
+            if start.elapsed() > LIMIT {
+                panic!(
+                    "the daemon did not settle: {:?}\n{}",
+                    self.health().await,
+                    daemon.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn metrics(&self) -> String {
+        match reqwest::get(format!("http://{}/metrics", self.http)).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+}
+
+/// A counter from the Prometheus text (0 when absent).
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Start `kolokol run` in a time zone far from UTC: call times are written at the
+    /// configured offset (UTC by default), never at the host's zone.
+    async fn start(env: &Env) -> Daemon {
+        let log = env.file("daemon.log");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&env.config)
+            .env("RUST_LOG", "info")
+            .env("TZ", "Asia/Vladivostok")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("kolokol starts");
+        let d = Daemon {
+            child: Some(child),
+            log,
+        };
+        assert!(
+            env.ami.wait_logged_in(1, LIMIT).await,
+            "the daemon logs in to AMI:\n{}",
+            d.log_tail()
+        );
+        d
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    /// SIGTERM; the exit code.
+    fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Wait for `cond`, failing with `what` and the daemon's log after [`LIMIT`].
+async fn wait_for(what: &str, daemon: &Daemon, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > LIMIT {
+            panic!("timed out waiting for {what}\n{}", daemon.log_tail());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Lines of a JSON Lines file a hook appends to.
+fn jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{path:?}: {e}: {l}")))
+        .collect()
+}
+
+/// Plain lines of a log file a hook appends to.
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// `kolokol calls --json`: each journaled call's `call_full`, by id.
+fn journal(env: &Env) -> BTreeMap<String, Value> {
+    let out = Command::new(BIN)
+        .args(["calls", "--json", "--config"])
+        .arg(&env.config)
+        .output()
+        .expect("kolokol calls runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("one JSON object per line");
+            let cf = v["call_full"].clone();
+            (cf["id"].as_str().unwrap_or("").to_string(), cf)
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------------ snapshot helpers
+
+fn note<'a>(snap: &'a Snapshot, id: &str) -> Vec<&'a CallNote> {
+    snap.calls
+        .iter()
+        .filter(|c| c.uniq.as_deref() == Some(id))
+        .collect()
+}
+
+fn only_contact<'a>(snap: &'a Snapshot, phone: &str) -> &'a Contact {
+    let found = snap.contacts_with_phone(phone);
+    assert_eq!(found.len(), 1, "one contact for {phone}: {found:#?}");
+    found[0]
+}
+
+fn lead_of<'a>(snap: &'a Snapshot, contact: &Contact) -> &'a Lead {
+    let leads: Vec<&Lead> = snap
+        .leads
+        .iter()
+        .filter(|l| l.contact_ids.contains(&contact.id))
+        .collect();
+    assert_eq!(
+        leads.len(),
+        1,
+        "one lead for contact {}: {leads:#?}",
+        contact.id
+    );
+    leads[0]
+}
+
+fn all_expected() -> Vec<Expected> {
+    FIXTURES.iter().flat_map(|f| expected(f)).collect()
+}
+
+// ------------------------------------------------------------------ 1. no hooks
+
+/// Every fixture call, no customizations: the account afterwards holds exactly what a
+/// manager expects, call by call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fixture_call_lands_in_kommo_as_a_manager_expects() {
+    let env = env("", "").await;
+    let test_start = chrono::Utc::now().timestamp();
+    let mut daemon = Daemon::start(&env).await;
+
+    // One fixture at a time, each registered before the next, so "the call that made
+    // the contact" is known (fixture 01 for the client of 01-13).
+    let mut registered = 0;
+    for f in FIXTURES {
+        let calls = expected(f);
+        registered += calls.iter().filter(|c| c.direction != "internal").count();
+        env.play(f).await;
+        let want = registered;
+        wait_for(&format!("{f} registered"), &daemon, || {
+            env.snap().calls.len() >= want
+        })
+        .await;
+    }
+    // The internal call has its journal entry but no job; everything else is done.
+    env.settled(&daemon).await;
+    let snap = env.snap();
+    let all = all_expected();
+    let external: Vec<&Expected> = all.iter().filter(|c| c.direction != "internal").collect();
+    assert_eq!(external.len(), 34);
+
+    // One call note per external call, none for the internal one, nothing else.
+    assert_eq!(snap.calls.len(), external.len(), "{:#?}", snap.calls);
+    let internal = all.iter().find(|c| c.direction == "internal").expect("10");
+    assert!(
+        note(&snap, &internal.id).is_empty(),
+        "internal call registered"
+    );
+    assert!(snap.contacts_with_phone("102").is_empty());
+    assert!(snap.unsorted.is_empty());
+
+    // One contact (and one lead) per client number, named and tagged by default.
+    let numbers: BTreeSet<&str> = external.iter().map(|c| c.client_phone.as_str()).collect();
+    assert_eq!(numbers.len(), 21);
+    assert_eq!(snap.contacts.len(), numbers.len(), "{:#?}", snap.contacts);
+    assert_eq!(snap.leads.len(), numbers.len(), "{:#?}", snap.leads);
+    for number in &numbers {
+        let first = external
+            .iter()
+            .find(|c| c.client_phone == *number)
+            .expect("a call");
+        let phone = first.kommo_phone();
+        let contact = only_contact(&snap, number);
+        assert_eq!(contact.name, format!("Contact {phone}"));
+        assert_eq!(contact.phones, vec![phone.clone()]);
+        assert_eq!(contact.tags, vec!["kolokol".to_string()]);
+        let lead = lead_of(&snap, contact);
+        let missed = if first.answered { "" } else { "missed " };
+        assert_eq!(lead.name, format!("{phone} - {missed}incoming"), "{number}");
+        assert_eq!(lead.status_id, sk::STATUS_FIRST);
+        assert_eq!(lead.pipeline_id, sk::PIPELINE_ID);
+        assert_eq!(lead.tags, vec!["kolokol".to_string()]);
+        // Responsible for a new client: who answered, else the last employee whose
+        // phone rang, else the default user.
+        let want = user_of(&first.answered_by).unwrap_or(if first.min_conversations == 0 {
+            sk::ADMIN_USER_ID
+        } else {
+            contact.responsible_user_id
+        });
+        assert_eq!(contact.responsible_user_id, want, "{number}");
+        if first.min_conversations > 0 && !first.answered {
+            assert!(
+                [USER_101, USER_102].contains(&contact.responsible_user_id),
+                "{number}: a missed call goes to an employee whose phone rang"
+            );
+        }
+        assert_eq!(lead.responsible_user_id, contact.responsible_user_id);
+    }
+    // The client of 01-13 was created by 01, answered by 101.
+    assert_eq!(only_contact(&snap, CLIENT).responsible_user_id, USER_101);
+
+    // Each call note, call by call.
+    let journal = journal(&env);
+    for c in &external {
+        let notes = note(&snap, &c.id);
+        assert_eq!(notes.len(), 1, "{} ({}) once: {notes:#?}", c.fixture, c.id);
+        let n = notes[0];
+        let ctx = format!("{} call {} ({})", c.fixture, c.id, c.client_phone);
+        assert_eq!(n.direction, c.direction, "{ctx}");
+        assert_eq!(n.phone, c.kommo_phone(), "{ctx}");
+        assert_eq!(n.source, "kolokol", "{ctx}");
+        let status = if c.answered {
+            4
+        } else if c.busy() {
+            7
+        } else {
+            6
+        };
+        assert_eq!(n.call_status, Some(status), "{ctx}");
+        // Talk time as the tracker measured it (the replay here is untimed, so the
+        // timed test below checks the seconds themselves).
+        let journaled = &journal[&c.id];
+        if c.answered {
+            assert_eq!(
+                Some(n.duration),
+                journaled["talk_duration"].as_i64(),
+                "{ctx}: the talk time"
+            );
+        } else {
+            assert_eq!(n.duration, 0, "{ctx}: nobody talked");
+        }
+        // A link only where a recording was made, served by this daemon.
+        if c.record {
+            let link = n
+                .link
+                .as_deref()
+                .unwrap_or_else(|| panic!("{ctx}: no link"));
+            assert!(
+                link.starts_with(&format!("http://{}/records/", env.http)),
+                "{ctx}: {link}"
+            );
+        } else {
+            assert_eq!(n.link, None, "{ctx}: link without a recording");
+        }
+        // On the client's lead.
+        let contact = only_contact(&snap, &c.client_phone);
+        let lead = lead_of(&snap, contact);
+        assert_eq!(
+            (n.entity_type.as_str(), n.entity_id),
+            ("lead", lead.id),
+            "{ctx}"
+        );
+        // Responsible: who talked last; an unanswered outgoing call: who dialled
+        // (101 in the fixtures); a missed incoming call: the client's manager.
+        let want = if c.answered {
+            user_of(&c.answered_by).expect("mapped")
+        } else if c.direction == "outbound" {
+            USER_101
+        } else {
+            lead.responsible_user_id
+        };
+        assert_eq!(n.responsible_user_id, want, "{ctx}");
+        assert_eq!(n.created_by, Some(want), "{ctx}");
+        // When the call started: the replay runs now (the tracker times events as
+        // they arrive), and the daemon's zone (UTC+10) must not shift it.
+        let created = n.created_at.unwrap_or_else(|| panic!("{ctx}: created_at"));
+        let now = chrono::Utc::now().timestamp();
+        assert!(
+            (test_start - 5..=now + 5).contains(&created),
+            "{ctx}: created_at {created} is not the call's start (test ran {test_start}..{now})"
+        );
+    }
+
+    // Tasks: one per call nobody answered, on the client's lead, for the manager.
+    let missed: Vec<&&Expected> = external.iter().filter(|c| c.wants_task()).collect();
+    assert_eq!(missed.len(), 15);
+    assert_eq!(snap.tasks.len(), missed.len(), "{:#?}", snap.tasks);
+    for number in &numbers {
+        let contact = only_contact(&snap, number);
+        let lead = lead_of(&snap, contact);
+        let phone = format!("+{number}");
+        let calls: Vec<&&Expected> = missed
+            .iter()
+            .filter(|c| c.client_phone == *number)
+            .copied()
+            .collect();
+        let tasks: Vec<_> = snap
+            .tasks
+            .iter()
+            .filter(|t| t.entity_id == Some(lead.id))
+            .collect();
+        assert_eq!(tasks.len(), calls.len(), "{number}: {tasks:#?}");
+        let outgoing = calls.iter().filter(|c| c.direction == "outbound").count();
+        let out_text = format!(
+            "Call back {}: outgoing call to {phone} was not answered",
+            contact.name
+        );
+        let in_text = format!(
+            "Call back {} on a missed call from a number {phone}",
+            contact.name
+        );
+        assert_eq!(
+            tasks.iter().filter(|t| t.text == out_text).count(),
+            outgoing,
+            "{number}"
+        );
+        assert_eq!(
+            tasks.iter().filter(|t| t.text == in_text).count(),
+            calls.len() - outgoing,
+            "{number}: {tasks:#?}"
+        );
+        for t in tasks {
+            assert_eq!(t.entity_type.as_deref(), Some("leads"));
+            assert_eq!(t.task_type_id, 1, "a call");
+            assert!(!t.is_completed);
+            assert_eq!(t.responsible_user_id, lead.responsible_user_id, "{number}");
+            assert!(
+                t.complete_till > test_start + 3000,
+                "{number}: due in an hour, not {}",
+                t.complete_till
+            );
+        }
+    }
+
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log_tail());
+}
