@@ -717,3 +717,251 @@ async fn every_fixture_call_lands_in_kommo_as_a_manager_expects() {
 
     assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log_tail());
 }
+
+// ------------------------------------------------------------------ 2. hooks for new clients
+
+/// The head of every Python hook here: the input without its context, and `out`.
+const PY: &str = r#"#!/usr/bin/env python3
+import json, sys
+inp = json.load(sys.stdin)
+cf = inp.pop("call_full", {})
+stage = inp.pop("call_stage", None)
+def out(data):
+    print(json.dumps({"state": "success", "data": data}))
+"#;
+
+fn py(body: &str) -> String {
+    format!("{PY}{body}\n")
+}
+
+/// A shell hook that appends its whole input to `log` (one JSON line) and answers `{}`.
+fn sh_journal(log: &Path) -> String {
+    format!(
+        "#!/bin/sh\ninput=$(cat)\nprintf '%s\\n' \"$input\" >> '{}'\nprintf '{{\"state\":\"success\",\"data\":{{}}}}\\n'\n",
+        log.display()
+    )
+}
+
+/// Every Kommo customization changes what a new client gets: the number, whether the
+/// call is registered at all, the contact, the lead, the call note, the task; and
+/// `post_registration` is told what Kommo created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_shape_what_new_clients_get() {
+    let env = env("", "").await;
+    let asked = env.file("need_registration.log");
+    let posted = env.file("post_registration.jsonl");
+    env.hook(
+        "need_registration.py",
+        &py(&format!(
+            r#"with open({asked:?}, "a") as f:
+    f.write(cf["id"] + " " + str(stage) + "\n")
+p = cf.get("client_phone", "")
+if p.endswith("0103"):
+    out({{"result": False}})
+elif p.endswith("0104"):
+    out({{}})  # empty data: skip, like false
+else:
+    out({{"result": True}})"#,
+            asked = asked.display().to_string()
+        )),
+    );
+    env.hook(
+        "process_client_phone.py",
+        &py(r#"p = inp["phone"]
+if p.endswith("0106"):
+    out({"phone": "+7 (999) 000-01-06"})  # the client's other number
+elif p.endswith("0107"):
+    out(None)  # cancel: not registered
+else:
+    out({"phone": p})"#),
+    );
+    env.hook(
+        "process_contact_creation_params.py",
+        &py(
+            r#"phone = inp["custom_fields_values"][0]["values"][0]["value"]
+inp["name"] = "Client %s (line %s)" % (phone, cf.get("line_number", ""))
+inp["tags"] = inp.get("tags", []) + ["asterisk"]
+out(inp)"#,
+        ),
+    );
+    env.hook(
+        "process_lead_creation_params.py",
+        &py(r#"inp["name"] = "Call from %s on %s" % (cf["client_phone"], cf.get("line_number") or "outbound")
+inp["price"] = 1500 if cf.get("answered_by") else 0
+inp["status_id"] = 70013
+inp["_embedded"]["tags"].append({"name": "phone-call"})
+out(inp)"#),
+    );
+    env.hook(
+        "process_call_params.py",
+        &py(
+            r#"inp["call_result"] = "%s status %s for %ss, manager %s" % (
+    inp["direction"], inp["call_status"], inp["duration"], inp.get("responsible_user_id"))
+out(inp)"#,
+        ),
+    );
+    env.hook(
+        "process_task_creation_params.py",
+        &py(
+            r#"inp["text"] = "Ring back %s about call %s" % (cf["client_phone"], cf["id"])
+inp["complete_till"] = 2000000000
+out(inp)"#,
+        ),
+    );
+    env.hook("post_registration.sh", &sh_journal(&posted));
+    let mut daemon = Daemon::start(&env).await;
+
+    let fixtures = [
+        "01-inbound-answered-recorded",
+        "02-inbound-noanswer-missed",
+        "08-outbound-101-answered",
+        "09-outbound-101-noanswer",
+        "10-internal-101-to-102",
+        "15-burst-20-concurrent",
+    ];
+    // 01 first: its client is created by an answered incoming call.
+    env.play(fixtures[0]).await;
+    wait_for("01 registered", &daemon, || jsonl(&posted).len() == 1).await;
+    for f in &fixtures[1..] {
+        env.play(f).await;
+    }
+    let calls: Vec<Expected> = fixtures.iter().flat_map(|f| expected(f)).collect();
+    let external: Vec<&Expected> = calls.iter().filter(|c| c.direction != "internal").collect();
+    assert_eq!(external.len(), 24);
+    wait_for("every call decided", &daemon, || {
+        lines(&asked).len() >= external.len()
+    })
+    .await;
+    env.settled(&daemon).await;
+    let snap = env.snap();
+
+    // need_registration: asked once per client call, at call_ended (the only stage
+    // Kommo registers), never for the internal call.
+    let mut asked_lines = lines(&asked);
+    asked_lines.sort();
+    let mut want: Vec<String> = external
+        .iter()
+        .map(|c| format!("{} call_ended", c.id))
+        .collect();
+    want.sort();
+    assert_eq!(asked_lines, want);
+
+    let skipped = ["79165550103", "79165550104", "79165550107"];
+    let by_phone = |p: &str| external.iter().find(|c| c.client_phone == p).expect("call");
+    for p in skipped {
+        let c = by_phone(p);
+        assert!(note(&snap, &c.id).is_empty(), "{p} not registered");
+        assert!(snap.contacts_with_phone(p).is_empty(), "{p}: no contact");
+    }
+    // The rewritten number: the client's other number everywhere, not the caller id.
+    let rewritten = by_phone("79165550106");
+    assert!(snap.contacts_with_phone("79165550106").is_empty());
+    let other = only_contact(&snap, "79990000106");
+    assert_eq!(other.phones, vec!["+7 (999) 000-01-06".to_string()]);
+    assert_eq!(note(&snap, &rewritten.id)[0].phone, "+7 (999) 000-01-06");
+
+    let registered: Vec<&&Expected> = external
+        .iter()
+        .filter(|c| !skipped.contains(&c.client_phone.as_str()))
+        .collect();
+    assert_eq!(snap.calls.len(), registered.len(), "{:#?}", snap.calls);
+    assert_eq!(
+        snap.contacts.len(),
+        18,
+        "17 burst numbers and the client of 01-09"
+    );
+    assert_eq!(snap.leads.len(), 18);
+    let posts = jsonl(&posted);
+    assert_eq!(
+        posts.len(),
+        registered.len(),
+        "post_registration once per call"
+    );
+
+    for c in &registered {
+        let ctx = format!("{} {} ({})", c.fixture, c.id, c.client_phone);
+        let phone = if c.client_phone.ends_with("0106") {
+            "+7 (999) 000-01-06".to_string()
+        } else {
+            c.kommo_phone()
+        };
+        let contact = only_contact(&snap, &phone);
+        // Made by this number's first call: 01 for the client of 01-09.
+        let first = if c.client_phone == CLIENT {
+            &calls[0]
+        } else {
+            **c
+        };
+        assert_eq!(
+            contact.name,
+            format!("Client {phone} (line {})", first.line_number),
+            "{ctx}"
+        );
+        assert_eq!(contact.tags, vec!["kolokol", "asterisk"], "{ctx}");
+        let lead = lead_of(&snap, contact);
+        assert_eq!(
+            lead.name,
+            format!("Call from {} on {}", first.client_phone, first.line_number),
+            "{ctx}"
+        );
+        assert_eq!(lead.price, if first.answered { 1500 } else { 0 }, "{ctx}");
+        assert_eq!(lead.status_id, sk::STATUS_SECOND, "{ctx}");
+        assert_eq!(lead.tags, vec!["kolokol", "phone-call"], "{ctx}");
+
+        let n = note(&snap, &c.id);
+        assert_eq!(n.len(), 1, "{ctx}");
+        let n = n[0];
+        let status = if c.answered { 4 } else { 6 };
+        assert_eq!(n.call_status, Some(status), "{ctx}");
+        assert_eq!(n.entity_id, lead.id, "{ctx}");
+        assert_eq!(
+            n.call_result.as_deref(),
+            Some(
+                format!(
+                    "{} status {status} for {}s, manager {}",
+                    c.direction, n.duration, n.responsible_user_id
+                )
+                .as_str()
+            ),
+            "{ctx}"
+        );
+
+        let tasks: Vec<_> = snap
+            .tasks
+            .iter()
+            .filter(|t| t.text.ends_with(&format!("about call {}", c.id)))
+            .collect();
+        if c.wants_task() {
+            assert_eq!(tasks.len(), 1, "{ctx}: {:#?}", snap.tasks);
+            assert_eq!(
+                tasks[0].text,
+                format!("Ring back {} about call {}", c.client_phone, c.id)
+            );
+            assert_eq!(tasks[0].complete_till, 2000000000, "{ctx}");
+            assert_eq!(tasks[0].entity_id, Some(lead.id), "{ctx}");
+        } else {
+            assert!(tasks.is_empty(), "{ctx}: {tasks:#?}");
+        }
+
+        // post_registration got the documented shape with Kommo's ids.
+        let post = posts
+            .iter()
+            .find(|p| p["call_full"]["id"] == json!(c.id))
+            .unwrap_or_else(|| panic!("{ctx}: post_registration not run"));
+        assert_eq!(post["crm"], "kommo", "{ctx}");
+        assert_eq!(post["call_stage"], "call_ended", "{ctx}");
+        let r = &post["result"];
+        assert_eq!(r["call"]["id"], json!(n.id), "{ctx}: {post}");
+        assert_eq!(r["contact"]["id"], json!(contact.id), "{ctx}");
+        assert_eq!(r["lead"]["id"], json!(lead.id), "{ctx}");
+        match tasks.first() {
+            Some(t) => assert_eq!(r["task"]["id"], json!(t.id), "{ctx}"),
+            None => assert!(r["task"].is_null(), "{ctx}: {post}"),
+        }
+    }
+    assert_eq!(
+        snap.tasks.len(),
+        registered.iter().filter(|c| c.wants_task()).count()
+    );
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log_tail());
+}
