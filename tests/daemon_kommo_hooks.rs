@@ -965,3 +965,209 @@ out(inp)"#,
     );
     assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log_tail());
 }
+
+// ------------------------------------------------------------------ 3. known clients, unsorted
+
+/// Known clients are updated through `process_contact_update_params` /
+/// `process_lead_update_params`; unknown numbers become "unsorted" incoming leads
+/// shaped by `process_unsorted_creation_params` (`unsorted = true`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_and_unsorted_hooks_shape_known_and_incoming_clients() {
+    let env = env("unsorted = true\nupdate_responsible_on_answer = true", "").await;
+    let ivan = env
+        .kommo
+        .add_contact("Ivan Petrov", "+7 916 123-45-67", sk::ADMIN_USER_ID);
+    let deal = env
+        .kommo
+        .add_lead("Old deal", ivan, sk::STATUS_FIRST, sk::ADMIN_USER_ID);
+    // A known client with no deal: the call goes on the contact.
+    let olga = env
+        .kommo
+        .add_contact("Olga", "89165550100", sk::ADMIN_USER_ID);
+    let contact_inputs = env.file("contact_update.jsonl");
+    let lead_inputs = env.file("lead_update.jsonl");
+    env.hook(
+        "process_contact_update_params.py",
+        &py(&format!(
+            r#"with open({log:?}, "a") as f:
+    f.write(json.dumps(inp) + "\n")
+inp["name"] = "Known client, last call " + cf["id"]
+out(inp)"#,
+            log = contact_inputs.display().to_string()
+        )),
+    );
+    env.hook(
+        "process_lead_update_params.py",
+        &py(&format!(
+            r#"with open({log:?}, "a") as f:
+    f.write(json.dumps(inp) + "\n")
+inp["status_id"] = 70013
+inp["price"] = 900
+out(inp)"#,
+            log = lead_inputs.display().to_string()
+        )),
+    );
+    env.hook(
+        "process_unsorted_creation_params.py",
+        &py(r#"phone = inp["metadata"]["phone"]
+if phone.endswith("0105"):
+    out({})  # cancel: nothing created for this number
+else:
+    inp["source_name"] = "PBX line " + cf.get("line_number", "")
+    inp["_embedded"]["leads"][0]["name"] = "Incoming call from " + phone
+    inp["_embedded"]["contacts"][0]["name"] = "Caller " + phone
+    out(inp)"#),
+    );
+    let mut daemon = Daemon::start(&env).await;
+
+    // Ivan calls three times, one after the other: 101 answers, then 102, then nobody.
+    let ivan_calls = [
+        "01-inbound-answered-recorded",
+        "04-inbound-ringgroup-102-answers",
+        "02-inbound-noanswer-missed",
+    ];
+    for (i, f) in ivan_calls.iter().enumerate() {
+        env.play(f).await;
+        wait_for(&format!("{f} registered"), &daemon, || {
+            env.snap().calls.len() > i
+        })
+        .await;
+    }
+    env.play("15-burst-20-concurrent").await;
+    let burst = expected("15-burst-20-concurrent");
+    // 0105's unsorted was cancelled: Kommo has nothing to put its call on.
+    wait_for("the burst registered", &daemon, || {
+        env.snap().calls.len() >= 3 + burst.len() - 1
+    })
+    .await;
+    env.settled(&daemon).await;
+    let snap = env.snap();
+    assert_eq!(snap.calls.len(), 3 + burst.len() - 1, "{:#?}", snap.calls);
+
+    // Ivan: still one contact and one deal, updated by the hooks after each call.
+    let ivan_c = only_contact(&snap, CLIENT);
+    assert_eq!(ivan_c.id, ivan);
+    assert_eq!(ivan_c.name, "Known client, last call 1795304872.2");
+    assert_eq!(ivan_c.responsible_user_id, USER_102, "102 answered last");
+    let deal_l = lead_of(&snap, ivan_c);
+    assert_eq!(deal_l.id, deal);
+    assert_eq!(deal_l.name, "Old deal");
+    assert_eq!(deal_l.status_id, sk::STATUS_SECOND);
+    assert_eq!(deal_l.price, 900);
+    assert_eq!(deal_l.responsible_user_id, USER_102);
+    for f in ivan_calls {
+        let c = &expected(f)[0];
+        let n = note(&snap, &c.id);
+        assert_eq!(n.len(), 1, "{f}");
+        assert_eq!(
+            (n[0].entity_type.as_str(), n[0].entity_id),
+            ("lead", deal),
+            "{f}"
+        );
+    }
+    let missed_task: Vec<_> = snap
+        .tasks
+        .iter()
+        .filter(|t| t.entity_id == Some(deal))
+        .collect();
+    assert_eq!(missed_task.len(), 1, "the missed call 02: {missed_task:#?}");
+    assert_eq!(
+        missed_task[0].responsible_user_id, USER_102,
+        "the deal's manager"
+    );
+    // What the hooks were given: the entity id, and the new responsible only when
+    // someone answered and it changes.
+    let ids = |path: &Path| -> Vec<Value> { jsonl(path) };
+    let contact_seen: Vec<Value> = ids(&contact_inputs)
+        .into_iter()
+        .filter(|v| v["id"] == json!(ivan))
+        .collect();
+    assert_eq!(
+        contact_seen,
+        vec![
+            json!({"id": ivan, "responsible_user_id": USER_101}),
+            json!({"id": ivan, "responsible_user_id": USER_102}),
+            json!({"id": ivan}),
+        ]
+    );
+    assert_eq!(
+        jsonl(&lead_inputs),
+        vec![
+            json!({"id": deal, "responsible_user_id": USER_101}),
+            json!({"id": deal, "responsible_user_id": USER_102}),
+            json!({"id": deal}),
+        ],
+        "only Ivan has a deal to update"
+    );
+
+    // Olga (the burst's first caller, answered by 101): her contact, no new lead.
+    let olga_call = &burst[0];
+    assert_eq!(olga_call.client_phone, "79165550100");
+    let olga_c = only_contact(&snap, "79165550100");
+    assert_eq!(olga_c.id, olga);
+    assert_eq!(
+        olga_c.name,
+        format!("Known client, last call {}", olga_call.id)
+    );
+    assert_eq!(olga_c.responsible_user_id, USER_101);
+    assert!(olga_c.lead_ids.is_empty());
+    let n = note(&snap, &olga_call.id);
+    assert_eq!(
+        (n[0].entity_type.as_str(), n[0].entity_id),
+        ("contact", olga)
+    );
+
+    // Everyone else in the burst is new: one unsorted incoming lead each, shaped by
+    // the hook; 0105's was cancelled, so Kommo has nothing for it.
+    let cancelled = burst
+        .iter()
+        .find(|c| c.client_phone == "79165550105")
+        .expect("0105");
+    assert!(note(&snap, &cancelled.id).is_empty());
+    assert!(snap.contacts_with_phone("79165550105").is_empty());
+    assert_eq!(snap.unsorted.len(), burst.len() - 2, "{:#?}", snap.unsorted);
+    for c in burst.iter().skip(1).filter(|c| c.id != cancelled.id) {
+        let phone = c.kommo_phone();
+        let ctx = format!("{} ({})", c.id, c.client_phone);
+        let u: Vec<_> = snap
+            .unsorted
+            .iter()
+            .filter(|u| u.source_uid == c.id)
+            .collect();
+        assert_eq!(u.len(), 1, "{ctx}");
+        let u = u[0];
+        assert_eq!(
+            u.source_name,
+            format!("PBX line {}", c.line_number),
+            "{ctx}"
+        );
+        assert_eq!(u.metadata["uniq"], json!(c.id), "{ctx}");
+        assert_eq!(u.metadata["phone"], json!(phone), "{ctx}");
+        let contact = only_contact(&snap, &c.client_phone);
+        assert_eq!(Some(contact.id), u.contact_id, "{ctx}");
+        assert_eq!(contact.name, format!("Caller {phone}"), "{ctx}");
+        let lead = lead_of(&snap, contact);
+        assert_eq!(lead.id, u.lead_id, "{ctx}");
+        assert_eq!(lead.name, format!("Incoming call from {phone}"), "{ctx}");
+        assert_eq!(lead.status_id, sk::STATUS_UNSORTED, "{ctx}");
+        let n = note(&snap, &c.id);
+        assert_eq!(n.len(), 1, "{ctx}: one call note, not two");
+        assert_eq!(
+            (n[0].entity_type.as_str(), n[0].entity_id),
+            ("lead", lead.id),
+            "{ctx}"
+        );
+        assert_eq!(
+            n[0].call_status,
+            Some(if c.answered { 4 } else { 6 }),
+            "{ctx}"
+        );
+        let tasks = snap
+            .tasks
+            .iter()
+            .filter(|t| t.entity_id == Some(lead.id))
+            .count();
+        assert_eq!(tasks, usize::from(c.wants_task()), "{ctx}");
+    }
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log_tail());
+}
