@@ -1171,3 +1171,294 @@ else:
     }
     assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log_tail());
 }
+
+// ------------------------------------------------------------------ 4. failing hooks
+
+/// A shell hook that notes its run in `log`, then does `then`.
+fn sh_failing(log: &Path, then: &str) -> String {
+    format!(
+        "#!/bin/sh\ninput=$(cat)\necho ran >> '{}'\n{then}\n",
+        log.display()
+    )
+}
+
+/// Customizations that fail every way the contract names (non-zero exit, a signal,
+/// garbage and non-JSON output, state "error", a hang past the configured timeout) and
+/// ones that cancel: every call is still registered exactly once with kolokol's
+/// defaults (or without the cancelled request), and the daemon keeps going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_hooks_fall_back_to_defaults_and_lose_nothing() {
+    let env = env(
+        "update_responsible_on_answer = true",
+        "[customizations.timeouts]\nprocess_lead_creation_params = \"300ms\"\nprocess_contact_update_params = \"300ms\"",
+    )
+    .await;
+    let log = |name: &str| env.file(&format!("{name}.ran"));
+    env.hook(
+        "need_registration",
+        &sh_failing(&log("need_registration"), "echo 'this is not JSON {'"),
+    );
+    env.hook(
+        "process_client_phone",
+        &sh_failing(
+            &log("process_client_phone"),
+            r#"echo '{"state":"error","message":"phone book unavailable"}'"#,
+        ),
+    );
+    env.hook(
+        "process_contact_creation_params",
+        &sh_failing(
+            &log("process_contact_creation_params"),
+            "echo 'Fatal error: boom' >&2\nexit 3",
+        ),
+    );
+    env.hook(
+        "process_lead_creation_params",
+        &sh_failing(&log("process_lead_creation_params"), "sleep 30"),
+    );
+    env.hook(
+        "process_call_params",
+        &sh_failing(
+            &log("process_call_params"),
+            r#"echo '{"state":"success","data":"garbage"}'"#,
+        ),
+    );
+    // Burst callers: cancelled (no task); everyone else: killed by a signal (default).
+    env.hook(
+        "process_task_creation_params",
+        &sh_failing(
+            &log("process_task_creation_params"),
+            r#"case "$input" in
+  *'"client_phone":"7916555'*) echo '{"state":"success","data":null}' ;;
+  *) kill -9 $$ ;;
+esac"#,
+        ),
+    );
+    env.hook(
+        "post_registration",
+        &sh_failing(&log("post_registration"), "exit 1"),
+    );
+    env.hook(
+        "process_contact_update_params",
+        &sh_failing(&log("process_contact_update_params"), "sleep 30"),
+    );
+    env.hook(
+        "process_lead_update_params",
+        &sh_failing(
+            &log("process_lead_update_params"),
+            r#"echo '{"state":"success","data":[]}'"#,
+        ),
+    );
+    let mut daemon = Daemon::start(&env).await;
+
+    // 01 makes the client (101 answered), 04 updates it (102 answered), then the rest.
+    let first = [
+        "01-inbound-answered-recorded",
+        "04-inbound-ringgroup-102-answers",
+    ];
+    for (i, f) in first.iter().enumerate() {
+        env.play(f).await;
+        wait_for(&format!("{f} registered"), &daemon, || {
+            env.snap().calls.len() > i
+        })
+        .await;
+    }
+    let rest = [
+        "02-inbound-noanswer-missed",
+        "03-inbound-busy",
+        "09-outbound-101-noanswer",
+        "13-inbound-abandoned-while-ringing",
+        "15-burst-20-concurrent",
+    ];
+    for f in rest {
+        env.play(f).await;
+    }
+    let mut calls: Vec<Expected> = first
+        .iter()
+        .chain(&rest)
+        .flat_map(|f| expected(f))
+        .collect();
+    wait_for("every call registered", &daemon, || {
+        env.snap().calls.len() >= calls.len()
+    })
+    .await;
+    env.settled(&daemon).await;
+    // Still going: one more call after all those failures.
+    env.play("17-inbound-queue-local-members-102-answers").await;
+    calls.extend(expected("17-inbound-queue-local-members-102-answers"));
+    wait_for("the call after the failures", &daemon, || {
+        env.snap().calls.len() >= calls.len()
+    })
+    .await;
+    env.settled(&daemon).await;
+    let snap = env.snap();
+    assert_eq!(calls.len(), 27);
+
+    // The scripts really ran, once per call (or per request).
+    let ran = |name: &str| lines(&log(name)).len();
+    let new_numbers = 21;
+    let client_calls = calls.iter().filter(|c| c.client_phone == CLIENT).count();
+    assert_eq!(ran("need_registration"), calls.len());
+    assert_eq!(ran("process_client_phone"), calls.len());
+    assert_eq!(ran("process_contact_creation_params"), new_numbers);
+    assert_eq!(ran("process_lead_creation_params"), new_numbers);
+    assert_eq!(ran("process_call_params"), calls.len());
+    assert_eq!(ran("post_registration"), calls.len());
+    let missed = calls.iter().filter(|c| c.wants_task()).count();
+    assert_eq!(ran("process_task_creation_params"), missed);
+    // Updates: every call of a client who existed before it.
+    assert_eq!(ran("process_contact_update_params"), client_calls - 1);
+    assert_eq!(ran("process_lead_update_params"), client_calls - 1);
+
+    // Every call once, with kolokol's own parameters.
+    assert_eq!(snap.calls.len(), calls.len(), "{:#?}", snap.calls);
+    for c in &calls {
+        let ctx = format!("{} {} ({})", c.fixture, c.id, c.client_phone);
+        let n = note(&snap, &c.id);
+        assert_eq!(n.len(), 1, "{ctx}");
+        let n = n[0];
+        assert_eq!(n.phone, c.kommo_phone(), "{ctx}: the default normalisation");
+        let (status, result) = if c.answered {
+            (4, "Answered")
+        } else if c.busy() {
+            (7, "Busy")
+        } else {
+            (6, "")
+        };
+        assert_eq!(n.call_status, Some(status), "{ctx}");
+        if !result.is_empty() {
+            assert_eq!(n.call_result.as_deref(), Some(result), "{ctx}");
+        }
+        let contact = only_contact(&snap, &c.client_phone);
+        assert_eq!(
+            contact.name,
+            format!("Contact {}", c.kommo_phone()),
+            "{ctx}"
+        );
+        let lead = lead_of(&snap, contact);
+        assert_eq!(n.entity_id, lead.id, "{ctx}");
+    }
+    assert_eq!(snap.contacts.len(), new_numbers);
+    assert_eq!(snap.leads.len(), new_numbers);
+    for l in &snap.leads {
+        assert!(
+            l.name.ends_with(" - incoming") || l.name.ends_with(" - missed incoming"),
+            "default lead name: {}",
+            l.name
+        );
+    }
+    // The contact update timed out: the default update made 102 (who answered 04)
+    // responsible; the lead update was cancelled: the lead kept 101.
+    let client = only_contact(&snap, CLIENT);
+    assert_eq!(client.responsible_user_id, USER_102);
+    assert_eq!(lead_of(&snap, client).responsible_user_id, USER_101);
+    // Tasks: the client's missed calls got kolokol's task (the script was killed);
+    // the burst's were cancelled.
+    let client_lead = lead_of(&snap, client).id;
+    assert_eq!(snap.tasks.len(), 4, "{:#?}", snap.tasks);
+    assert!(snap.tasks.iter().all(|t| t.entity_id == Some(client_lead)));
+    assert_eq!(
+        snap.tasks
+            .iter()
+            .filter(|t| t.text
+                == format!(
+                    "Call back {} on a missed call from a number +{CLIENT}",
+                    client.name
+                ))
+            .count(),
+        3,
+        "02, 03, 13: {:#?}",
+        snap.tasks
+    );
+
+    // Counted and logged as what they were.
+    let m = env.metrics().await;
+    let fail = |reason: &str| {
+        metric(
+            &m,
+            &format!("kolokol_hook_failures_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert!(fail("invalid_json") >= calls.len() as u64, "{m}");
+    assert!(fail("not_success") >= calls.len() as u64, "{m}");
+    assert!(
+        fail("timeout") >= (new_numbers + client_calls - 1) as u64,
+        "{m}"
+    );
+    assert!(
+        fail("exit") >= (new_numbers + calls.len() + 4) as u64,
+        "contact creation, post_registration, killed task scripts: {m}"
+    );
+    assert!(
+        metric(&m, "kolokol_hook_cancelled_total") >= (missed - 4 + client_calls - 1) as u64,
+        "{m}"
+    );
+    let text = daemon.log_text();
+    assert!(text.contains("Fatal error: boom"), "stderr tail in the log");
+    assert!(text.contains("phone book unavailable"));
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log_tail());
+}
+
+// ------------------------------------------------------------------ 5. durations
+
+/// Replayed at the recorded pace, the call notes carry the talk time (not the whole
+/// call's length), and the recording link of the outgoing call serves its mp3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_pace_gives_talk_durations_and_playable_links() {
+    let env = env("", "").await;
+    let mut daemon = Daemon::start(&env).await;
+    // (fixture, talk seconds from the recording notes)
+    let talks = [
+        ("01-inbound-answered-recorded", 4),
+        ("08-outbound-101-answered", 3),
+    ];
+    for (i, (f, _)) in talks.iter().enumerate() {
+        let replay = Replay::from_fixture(fixtures_dir().join("ami").join(format!("{f}.ami")))
+            .expect("fixture")
+            .timed(true);
+        kolokol::sandbox::demo::write_recordings(&env.dir.path().join("spool"), replay.bytes());
+        env.ami.play(&replay).await;
+        wait_for(&format!("{f} registered"), &daemon, || {
+            env.snap().calls.len() > i
+        })
+        .await;
+    }
+    env.settled(&daemon).await;
+    let snap = env.snap();
+    let journal = journal(&env);
+    for (f, talk) in talks {
+        let c = &expected(f)[0];
+        let n = note(&snap, &c.id);
+        assert_eq!(n.len(), 1, "{f}");
+        let d = n[0].duration;
+        // The replay keeps the recorded pauses; a busy machine may add a second.
+        assert!(
+            (talk - 1..=talk + 1).contains(&d),
+            "{f}: talk {talk} s, note says {d}"
+        );
+        assert_eq!(Some(d), journal[&c.id]["talk_duration"].as_i64(), "{f}");
+        let whole = journal[&c.id]["duration"].as_i64().unwrap_or(0);
+        assert!(
+            whole > d,
+            "{f}: the call ({whole} s) is longer than the talk ({d} s)"
+        );
+    }
+    let out = note(&snap, &expected(talks[1].0)[0].id)[0]
+        .link
+        .clone()
+        .expect("08 recorded");
+    let mut served = false;
+    let start = Instant::now();
+    while start.elapsed() < LIMIT {
+        if let Ok(r) = reqwest::get(&out).await
+            && r.status() == 200
+            && r.headers()["content-type"] == "audio/mpeg"
+        {
+            served = r.bytes().await.map(|b| b.len() > 1000).unwrap_or(false);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "the outgoing call's mp3 is served at {out}");
+    assert_eq!(daemon.terminate(), Some(0), "{}", daemon.log_tail());
+}
