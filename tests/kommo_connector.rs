@@ -814,8 +814,10 @@ async fn hooks_change_every_request() {
     assert_eq!(phone_in["phone"], json!("+79161234567"));
     assert_eq!(phone_in["call_stage"], json!("call_ended"));
     let (_, post) = &seen[6];
-    assert_eq!(post["call"]["added"], json!(true));
-    assert_eq!(post["contact"]["id"], json!(snap.contacts[0].id));
+    assert_eq!(post["crm"], json!("kommo"));
+    assert_eq!(post["call_stage"], json!("call_ended"));
+    assert_eq!(post["result"]["call"]["added"], json!(true));
+    assert_eq!(post["result"]["contact"]["id"], json!(snap.contacts[0].id));
 }
 
 #[tokio::test]

@@ -227,6 +227,8 @@ pub async fn run(
         public_url: config.http.public_url.clone(),
         convert: config.records.convert,
         metrics: metrics.clone(),
+        time_offset: crate::calls::config::parse_offset(&config.calls.time_offset)
+            .unwrap_or_else(|_| chrono::Offset::fix(&chrono::Utc)),
     });
     let pipeline_task = tokio::spawn(pipeline.run(stage_rx));
 

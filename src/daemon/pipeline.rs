@@ -44,6 +44,8 @@ pub(crate) struct Pipeline {
     /// `[records] convert`: links name the mp3 that the conversion will produce.
     pub convert: bool,
     pub metrics: Registry,
+    /// `[calls] time_offset`: the zone of the times written in `call_full`.
+    pub time_offset: chrono::FixedOffset,
 }
 
 impl Pipeline {
@@ -67,7 +69,8 @@ impl Pipeline {
         tracing::info!("pipeline stopped");
     }
 
-    async fn stage(self: Arc<Self>, ev: StageEvent) {
+    async fn stage(self: Arc<Self>, mut ev: StageEvent) {
+        stamp_start(&mut ev.call_full, self.time_offset);
         // A recorded call's end waits for `process_record_file_path` (up to its
         // timeout): do that off this task, so a slow script never holds up other
         // calls' stages (nor, through backpressure, the AMI reader). Its earlier stages
@@ -227,6 +230,37 @@ impl Pipeline {
         ev.call_full
             .extra
             .insert("record_links".into(), Value::Object(links));
+    }
+}
+
+/// Add `call_full.start_timestamp`: when the call started, Unix seconds. The times in
+/// `call_full` are written at `[calls] time_offset` (UTC by default); a CRM connector
+/// reading them in the host's own zone was off by the difference (Kommo's
+/// `created_at` was 10 hours early on a server in Vladivostok). The pipeline knows the
+/// offset, so it gives the instant itself (connectors use this key first).
+fn stamp_start(call: &mut crate::calls::CallFull, offset: chrono::FixedOffset) {
+    use chrono::TimeZone;
+    if call.extra.contains_key("start_timestamp") {
+        return;
+    }
+    let parse = |s: &str| {
+        chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S")
+            .ok()
+            .and_then(|t| offset.from_local_datetime(&t).single())
+            .map(|t| t.timestamp())
+            // `0001-01-01 00:00:00` means "not yet".
+            .filter(|t| *t > 0)
+    };
+    let earliest = std::iter::once(call.channel.start_time.as_str())
+        .chain(
+            call.conversations
+                .iter()
+                .map(|(_, c)| c.channel.start_time.as_str()),
+        )
+        .filter_map(parse)
+        .min();
+    if let Some(t) = earliest {
+        call.extra.insert("start_timestamp".into(), json!(t));
     }
 }
 

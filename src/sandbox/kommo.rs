@@ -69,6 +69,8 @@ pub struct Lead {
     pub responsible_user_id: i64,
     pub contact_ids: Vec<i64>,
     pub tags: Vec<String>,
+    /// The lead's sale value (`price`), 0 when not given.
+    pub price: i64,
 }
 
 /// A call note added by `POST /api/v4/calls` (or an unsorted with a call event).
@@ -413,6 +415,7 @@ impl SandboxKommo {
             responsible_user_id: responsible,
             contact_ids: vec![contact_id],
             tags: vec![],
+            price: 0,
         });
         if let Some(c) = s.snap.contacts.iter_mut().find(|c| c.id == contact_id) {
             c.lead_ids.push(id);
@@ -987,7 +990,7 @@ fn patch_contact(st: &mut St, id: &str, json: Option<Value>) -> Response {
 
 fn lead_json(l: &Lead) -> Value {
     json!({
-        "id": l.id, "name": l.name, "pipeline_id": l.pipeline_id, "status_id": l.status_id,
+        "id": l.id, "name": l.name, "price": l.price, "pipeline_id": l.pipeline_id, "status_id": l.status_id,
         "responsible_user_id": l.responsible_user_id, "account_id": ACCOUNT_ID,
         "closed_at": if l.status_id == 142 || l.status_id == 143 { json!(now_unix()) } else { Value::Null },
         "_links": {"self": {"href": format!("/api/v4/leads/{}", l.id)}},
@@ -1071,18 +1074,37 @@ fn check_lead(
     (name, pipeline, status, resp, contacts, tags_of(v))
 }
 
+/// A lead's `price`: an integer, as Kommo requires.
+fn lead_price(i: usize, v: &Value, errs: &mut Vec<VErr>) -> Option<i64> {
+    match v.get("price") {
+        None | Some(Value::Null) => None,
+        Some(p) => match p.as_i64() {
+            Some(p) if p >= 0 => Some(p),
+            _ => {
+                errs.push((
+                    i,
+                    "InvalidType",
+                    "price".into(),
+                    "This value should be of type int.".into(),
+                ));
+                None
+            }
+        },
+    }
+}
+
 fn create_leads(st: &mut St, arr: &[Value]) -> Response {
     let mut errs = Vec::new();
     let checked: Vec<_> = arr
         .iter()
         .enumerate()
-        .map(|(i, v)| check_lead(st, i, v, &mut errs))
+        .map(|(i, v)| (check_lead(st, i, v, &mut errs), lead_price(i, v, &mut errs)))
         .collect();
     if !errs.is_empty() {
         return validation(errs);
     }
     let mut out = Vec::new();
-    for (i, (name, pipeline_id, status_id, resp, contact_ids, tags)) in
+    for (i, ((name, pipeline_id, status_id, resp, contact_ids, tags), price)) in
         checked.into_iter().enumerate()
     {
         let id = st.id();
@@ -1102,6 +1124,7 @@ fn create_leads(st: &mut St, arr: &[Value]) -> Response {
             responsible_user_id: resp.unwrap_or(ADMIN_USER_ID),
             contact_ids,
             tags,
+            price: price.unwrap_or(0),
         });
         out.push(json!({"id": id, "request_id": rid(i), "_links": {"self": {"href": format!("/api/v4/leads/{id}")}}}));
     }
@@ -1119,6 +1142,7 @@ fn patch_lead(st: &mut St, id: &str, json: Option<Value>) -> Response {
     };
     let mut errs = Vec::new();
     let (name, _, status, resp, _, _) = check_lead(st, 0, &v, &mut errs);
+    let price = lead_price(0, &v, &mut errs);
     if !errs.is_empty() {
         return validation(errs);
     }
@@ -1133,6 +1157,9 @@ fn patch_lead(st: &mut St, id: &str, json: Option<Value>) -> Response {
     }
     if let Some(r) = resp {
         l.responsible_user_id = r;
+    }
+    if let Some(p) = price {
+        l.price = p;
     }
     let body = lead_json(l);
     hal(StatusCode::OK, body)
@@ -1434,6 +1461,7 @@ fn create_unsorted(st: &mut St, arr: &[Value]) -> Response {
             responsible_user_id: resp_l,
             contact_ids: vec![cid],
             tags: vec![],
+            price: l.get("price").and_then(Value::as_i64).unwrap_or(0),
         });
         let uid = rand_token("unsorted");
         st.snap.unsorted.push(Unsorted {

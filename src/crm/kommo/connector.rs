@@ -1375,10 +1375,10 @@ impl KommoConnector {
             "call": call_res, "task": task, "completed_tasks": completed,
         });
         if steps.get("post_registration").is_none() {
-            let mut input = report.clone();
-            input["call_stage"] = json!(stage.as_str());
+            // The documented input: {"call_full", "call_stage", "crm", "result"}.
+            let input = crate::hooks::contract::post_registration_input(call, stage, NAME, &report);
             // The outcome is informational: nothing follows this hook.
-            let _ = self.customize("post_registration", input, call).await;
+            let _ = self.hooks.run("post_registration", input, &call.id).await;
             record(steps, "post_registration", json!({"done": true}))?;
         }
         tracing::info!(crm = NAME, call_id = %call.id, contact = %report["contact"]["id"], call_added = %report["call"]["added"], "call registered in Kommo");
