@@ -964,16 +964,6 @@ impl Bitrix24 {
             self.record_step(steps, "todo", &v)?;
         }
 
-        if steps.get("post_registration").is_none() {
-            let _ = self
-                .run_hook(
-                    "post_registration",
-                    json!({"call_full": call, "crm": "bitrix24", "call_id": rec.call_id, "finish": finish}),
-                    &call.id,
-                )
-                .await;
-            self.record_step(steps, "post_registration", &json!(true))?;
-        }
         let report = json!({
             "call_id": rec.call_id,
             "user_id": finisher,
@@ -981,7 +971,19 @@ impl Bitrix24 {
             "record": record,
             "crm_entity_type": rec.crm_entity_type,
             "crm_entity_id": rec.crm_entity_id,
+            "finish": finish,
         });
+        if steps.get("post_registration").is_none() {
+            // The documented input: {"call_full", "call_stage", "crm", "result"}.
+            let input = crate::hooks::contract::post_registration_input(
+                call,
+                Stage::CallEnded,
+                "bitrix24",
+                &report,
+            );
+            let _ = self.run_hook("post_registration", input, &call.id).await;
+            self.record_step(steps, "post_registration", &json!(true))?;
+        }
         self.record_step(steps, "done", &report)?;
         self.store.remove(&call.id);
         Ok(report)
