@@ -4,7 +4,6 @@
 //! session is answered from memory. The sandboxes' request logs prove it: no contact
 //! search, no Bitrix24 lookup for that session.
 
-#[allow(dead_code)]
 mod bitrix24_support;
 
 use std::net::SocketAddr;

@@ -37,6 +37,9 @@ pub enum LookupError {
     Timeout(Duration),
 }
 
+/// A lookup's answer with the rank (lookup order) of the source that gave it, if known.
+pub type RankedAnswer = Option<(Responsible, Option<usize>)>;
+
 /// Finds who is responsible for a client phone. The daemon uses [`CrmLookup`]; tests
 /// plug in their own.
 pub trait ResponsibleLookup: Send + Sync {
@@ -52,7 +55,7 @@ pub trait ResponsibleLookup: Send + Sync {
     fn find_responsible_ranked<'a>(
         &'a self,
         phone: &'a str,
-    ) -> BoxFuture<'a, Result<Option<(Responsible, Option<usize>)>, LookupError>> {
+    ) -> BoxFuture<'a, Result<RankedAnswer, LookupError>> {
         Box::pin(async move { Ok(self.find_responsible(phone).await?.map(|r| (r, None))) })
     }
 }
@@ -84,7 +87,7 @@ impl ResponsibleLookup for CrmLookup {
     fn find_responsible_ranked<'a>(
         &'a self,
         phone: &'a str,
-    ) -> BoxFuture<'a, Result<Option<(Responsible, Option<usize>)>, LookupError>> {
+    ) -> BoxFuture<'a, Result<RankedAnswer, LookupError>> {
         Box::pin(async move {
             let mut first_error = None;
             for (rank, c) in self.connectors.iter().enumerate() {

@@ -89,6 +89,9 @@ pub trait DeliveryListener: Send + Sync {
     ) -> BoxFuture<'a, ()>;
 }
 
+/// A connector with its own rate limiter, if any (see [`OutboxWorker::spawn`]).
+pub type WorkerConnector = (Arc<dyn Connector>, Option<Arc<RateLimiter>>);
+
 /// Longest a [`DeliveryListener`] may hold a delivery slot.
 pub const LISTENER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -692,7 +695,7 @@ impl OutboxWorkers {
     /// Everything stops when `cancel` fires; then [`OutboxWorkers::join`].
     pub fn start(
         store: &Store,
-        connectors: Vec<(Arc<dyn Connector>, Option<Arc<RateLimiter>>)>,
+        connectors: Vec<WorkerConnector>,
         storage: &StorageConfig,
         cancel: &CancellationToken,
     ) -> OutboxWorkers {
@@ -702,7 +705,7 @@ impl OutboxWorkers {
     /// [`OutboxWorkers::start`], telling `listener` of every delivered job.
     pub fn start_with_listener(
         store: &Store,
-        connectors: Vec<(Arc<dyn Connector>, Option<Arc<RateLimiter>>)>,
+        connectors: Vec<WorkerConnector>,
         storage: &StorageConfig,
         cancel: &CancellationToken,
         listener: Option<Arc<dyn DeliveryListener>>,
