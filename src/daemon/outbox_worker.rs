@@ -81,11 +81,14 @@ impl WorkerConfig {
 /// report: the daemon warms the autodistribution cache this way. Runs inside the
 /// delivery task, bounded by [`LISTENER_TIMEOUT`]; it cannot fail the job.
 pub trait DeliveryListener: Send + Sync {
+    /// `queued`: from enqueue (or admin retry) to delivered; a report of a job that
+    /// waited long (retries during an outage) may describe an older state of the CRM.
     fn delivered<'a>(
         &'a self,
         connector: &'a dyn Connector,
         job: &'a Job,
         report: &'a DeliveryReport,
+        queued: Duration,
     ) -> BoxFuture<'a, ()>;
 }
 
@@ -583,7 +586,8 @@ impl Delivery {
                         "delivered"
                     );
                     if let Some(l) = &self.listener {
-                        let told = l.delivered(self.connector.as_ref(), job, &report);
+                        let queued = Duration::from_millis(delay);
+                        let told = l.delivered(self.connector.as_ref(), job, &report, queued);
                         if tokio::time::timeout(LISTENER_TIMEOUT, told).await.is_err() {
                             tracing::warn!(
                                 crm = name,

@@ -25,6 +25,9 @@ use crate::originate::{ClickToCall, OriginateError, OriginateRequest, Originator
 pub(crate) struct WarmFromRegistrations {
     warmer: CacheWarmer,
     metrics: Registry,
+    /// Reports of jobs queued longer than a cached answer may live are not used: their
+    /// steps may describe the CRM as it was long ago.
+    max_age: std::time::Duration,
 }
 
 impl WarmFromRegistrations {
@@ -46,6 +49,7 @@ impl WarmFromRegistrations {
         Some(WarmFromRegistrations {
             warmer: CacheWarmer::new(cache, order),
             metrics,
+            max_age: config.agi.cache_ttl,
         })
     }
 }
@@ -56,8 +60,12 @@ impl DeliveryListener for WarmFromRegistrations {
         connector: &'a dyn Connector,
         job: &'a Job,
         report: &'a DeliveryReport,
+        queued: std::time::Duration,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
+            if queued > self.max_age {
+                return;
+            }
             let crm = [("crm", connector.name())];
             match self.warmer.delivered(connector, job, report).await {
                 Some(Warmed::Stored) => self
