@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use super::AgiConfig;
 use super::protocol::{AgiError, Reply, known};
 use super::server::{AgiHandler, AgiSession};
-use crate::crm::{BoxFuture, Connector, Responsible};
+use crate::crm::{BoxFuture, Connector, DeliveryReport, Job, LearnedResponsible, Responsible};
 use crate::hooks::{Customize, HookOutcome};
 use crate::phone;
 
@@ -37,6 +37,9 @@ pub enum LookupError {
     Timeout(Duration),
 }
 
+/// A lookup's answer with the rank (lookup order) of the source that gave it, if known.
+pub type RankedAnswer = Option<(Responsible, Option<usize>)>;
+
 /// Finds who is responsible for a client phone. The daemon uses [`CrmLookup`]; tests
 /// plug in their own.
 pub trait ResponsibleLookup: Send + Sync {
@@ -44,6 +47,17 @@ pub trait ResponsibleLookup: Send + Sync {
         &'a self,
         phone: &'a str,
     ) -> BoxFuture<'a, Result<Option<Responsible>, LookupError>>;
+
+    /// Like `find_responsible`, also saying which source answered: its rank in the
+    /// lookup order (0 = asked first). The cache keeps it so that an answer learned
+    /// from a registration never overrides a source the lookup asks first. Default:
+    /// unknown (`None`).
+    fn find_responsible_ranked<'a>(
+        &'a self,
+        phone: &'a str,
+    ) -> BoxFuture<'a, Result<RankedAnswer, LookupError>> {
+        Box::pin(async move { Ok(self.find_responsible(phone).await?.map(|r| (r, None))) })
+    }
 }
 
 /// Asks each enabled CRM in order; the first that knows the client wins.
@@ -55,6 +69,11 @@ impl CrmLookup {
     pub fn new(connectors: Vec<Arc<dyn Connector>>) -> CrmLookup {
         CrmLookup { connectors }
     }
+
+    /// The connectors' names in lookup order (for [`CacheWarmer::new`]).
+    pub fn order(&self) -> Vec<&'static str> {
+        self.connectors.iter().map(|c| c.name()).collect()
+    }
 }
 
 impl ResponsibleLookup for CrmLookup {
@@ -62,11 +81,18 @@ impl ResponsibleLookup for CrmLookup {
         &'a self,
         phone: &'a str,
     ) -> BoxFuture<'a, Result<Option<Responsible>, LookupError>> {
+        Box::pin(async move { Ok(self.find_responsible_ranked(phone).await?.map(|(r, _)| r)) })
+    }
+
+    fn find_responsible_ranked<'a>(
+        &'a self,
+        phone: &'a str,
+    ) -> BoxFuture<'a, Result<RankedAnswer, LookupError>> {
         Box::pin(async move {
             let mut first_error = None;
-            for c in &self.connectors {
+            for (rank, c) in self.connectors.iter().enumerate() {
                 match c.find_responsible(phone).await {
-                    Ok(Some(r)) => return Ok(Some(r)),
+                    Ok(Some(r)) => return Ok(Some((r, Some(rank)))),
                     Ok(None) => {}
                     Err(e) => {
                         warn!(crm = c.name(), error = %e, "responsible lookup failed");
@@ -89,7 +115,24 @@ impl ResponsibleLookup for CrmLookup {
 #[derive(Debug, Clone)]
 struct CacheEntry {
     value: Option<Arc<Responsible>>,
+    /// Rank (lookup order) of the CRM that gave a positive answer, when known.
+    source: Option<usize>,
+    /// When a registration stored or confirmed this entry: a lookup that started
+    /// before may carry the older answer and must not overwrite it.
+    learned_at: Option<Instant>,
     expires: Instant,
+}
+
+/// What [`ResponsibleCache::learn`] did with an answer learned from a registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Warmed {
+    /// Stored: the next call from this number is answered from memory.
+    Stored,
+    /// A cached answer from this CRM was stale and is dropped (the next call looks up).
+    Forgotten,
+    /// Left alone: a CRM the lookup asks first answers for this number (or might: its
+    /// answer is not cached), or there was nothing to drop.
+    Kept,
 }
 
 /// Answers by phone (last 10 digits), found or not, each with its own TTL.
@@ -136,6 +179,24 @@ impl ResponsibleCache {
 
     /// Remember a lookup result (negative answers with the negative TTL).
     pub fn put(&self, phone: &str, value: Option<Arc<Responsible>>) {
+        self.put_ranked(phone, value, None);
+    }
+
+    /// Remember a lookup result and the rank of the CRM that gave it.
+    pub fn put_ranked(&self, phone: &str, value: Option<Arc<Responsible>>, source: Option<usize>) {
+        self.insert(phone, value, source, None, None);
+    }
+
+    /// Store unless `lookup_started` is given and a registration taught the cache
+    /// something about this number since then (the lookup's answer may predate it).
+    fn insert(
+        &self,
+        phone: &str,
+        value: Option<Arc<Responsible>>,
+        source: Option<usize>,
+        learned_at: Option<Instant>,
+        lookup_started: Option<Instant>,
+    ) {
         let ttl = if value.is_some() {
             self.ttl
         } else {
@@ -152,6 +213,12 @@ impl ResponsibleCache {
         let Ok(mut map) = self.entries.lock() else {
             return;
         };
+        if let (Some(started), Some(e)) = (lookup_started, map.get(&key))
+            && e.expires > now
+            && e.learned_at.is_some_and(|t| t >= started)
+        {
+            return;
+        }
         if map.len() >= self.max_entries && !map.contains_key(&key) {
             map.retain(|_, e| e.expires > now);
             if map.len() >= self.max_entries {
@@ -167,14 +234,72 @@ impl ResponsibleCache {
             key,
             CacheEntry {
                 value,
+                source,
+                learned_at,
                 expires: now + ttl,
             },
         );
     }
 
-    /// Fill the cache from elsewhere (e.g. a call registration found the responsible user).
+    /// Fill the cache from elsewhere, unconditionally (as the answer of the CRM asked
+    /// first). With several CRMs use [`ResponsibleCache::learn`].
     pub fn warm(&self, phone: &str, responsible: Responsible) {
-        self.put(phone, Some(Arc::new(responsible)));
+        self.put_ranked(phone, Some(Arc::new(responsible)), Some(0));
+    }
+
+    /// Take what a registration in the CRM of rank `rank` (its place in the lookup
+    /// order) learned, so that the cache never says what a lookup would not:
+    ///
+    /// * a responsible employee is stored over nothing only by the CRM asked first (a
+    ///   later one would be outranked by an earlier CRM that knows the client); over a
+    ///   cached "nobody" (every CRM said so) by any CRM; over a cached answer by the
+    ///   CRM that gave it or one asked before it, so a changed responsible replaces
+    ///   the stale one;
+    /// * "no route" drops a cached answer that came from this CRM (or from an unknown
+    ///   source); the next call looks up again.
+    pub fn learn(&self, rank: usize, learned: LearnedResponsible) -> Warmed {
+        let (phone, responsible) = match learned {
+            LearnedResponsible::Found { phone, responsible } => (phone, Some(responsible)),
+            LearnedResponsible::NoRoute { phone } => (phone, None),
+        };
+        let current = {
+            let key = Self::key(&phone);
+            let Ok(map) = self.entries.lock() else {
+                return Warmed::Kept;
+            };
+            let now = Instant::now();
+            map.get(&key)
+                .filter(|e| e.expires > now)
+                .map(|e| (e.value.is_some(), e.source))
+        };
+        match responsible {
+            Some(r) => {
+                let allowed = match current {
+                    None => rank == 0,
+                    Some((false, _)) => true,
+                    Some((true, Some(source))) => rank <= source,
+                    Some((true, None)) => rank == 0,
+                };
+                if !allowed || self.ttl.is_zero() {
+                    return Warmed::Kept;
+                }
+                self.insert(
+                    &phone,
+                    Some(Arc::new(r)),
+                    Some(rank),
+                    Some(Instant::now()),
+                    None,
+                );
+                Warmed::Stored
+            }
+            None => match current {
+                Some((true, source)) if source.is_none_or(|s| s == rank) => {
+                    self.forget(&phone);
+                    Warmed::Forgotten
+                }
+                _ => Warmed::Kept,
+            },
+        }
     }
 
     /// Forget a number (e.g. the CRM says its responsible user changed).
@@ -190,6 +315,49 @@ impl ResponsibleCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Warms a [`ResponsibleCache`] from CRM registrations: after a job is delivered, the
+/// connector reads its report ([`Connector::responsible_from_report`]) and the answer
+/// goes into the cache under the rules of [`ResponsibleCache::learn`], with the
+/// connector's rank in the lookup order (the order given to [`CrmLookup`]).
+pub struct CacheWarmer {
+    cache: Arc<ResponsibleCache>,
+    order: Vec<&'static str>,
+}
+
+impl CacheWarmer {
+    /// `order`: connector names as [`CrmLookup::order`] lists them.
+    pub fn new(cache: Arc<ResponsibleCache>, order: Vec<&'static str>) -> CacheWarmer {
+        CacheWarmer { cache, order }
+    }
+
+    pub fn cache(&self) -> &Arc<ResponsibleCache> {
+        &self.cache
+    }
+
+    /// Learn from one delivered job. `None`: the connector is not asked by the lookup
+    /// or its report says nothing about the client's responsible employee.
+    pub async fn delivered(
+        &self,
+        connector: &dyn Connector,
+        job: &Job,
+        report: &DeliveryReport,
+    ) -> Option<Warmed> {
+        let rank = self.order.iter().position(|n| *n == connector.name())?;
+        let learned = connector.responsible_from_report(job, report).await?;
+        let outcome = self.cache.learn(rank, learned.clone());
+        match (&learned, outcome) {
+            (LearnedResponsible::Found { phone, responsible }, Warmed::Stored) => {
+                debug!(crm = connector.name(), call_id = %job.call_full.id, phone = %phone, extension = %responsible.extension, "autodistribution cache warmed by a registration")
+            }
+            (LearnedResponsible::NoRoute { phone }, Warmed::Forgotten) => {
+                debug!(crm = connector.name(), call_id = %job.call_full.id, phone = %phone, "stale autodistribution answer dropped after a registration")
+            }
+            _ => {}
+        }
+        Some(outcome)
     }
 }
 
@@ -371,15 +539,22 @@ impl Autodistributor {
         let cache = self.cache.clone();
         let in_flight = self.in_flight.clone();
         let limit = self.lookup_timeout;
+        let started = Instant::now();
         let task = tokio::spawn(async move {
-            let r = match tokio::time::timeout(limit, lookup.find_responsible(&phone)).await {
-                Ok(Ok(v)) => Ok(v.map(Arc::new)),
+            let r = match tokio::time::timeout(limit, lookup.find_responsible_ranked(&phone)).await
+            {
+                Ok(Ok(v)) => Ok(v.map(|(r, rank)| (Arc::new(r), rank))),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(LookupError::Timeout(limit)),
             };
             if let Ok(v) = &r {
-                cache.put(&phone, v.clone());
+                let (value, rank) = match v {
+                    Some((r, rank)) => (Some(r.clone()), *rank),
+                    None => (None, None),
+                };
+                cache.insert(&phone, value, rank, None, Some(started));
             }
+            let r = r.map(|v| v.map(|(r, _)| r));
             if let Ok(mut m) = in_flight.lock() {
                 m.remove(&key);
             }
@@ -570,6 +745,214 @@ fn accepted(reply: Reply, cmd: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn resp(ext: &str) -> Responsible {
+        Responsible {
+            extension: ext.into(),
+            name: format!("Client of {ext}"),
+            entity: json!({"id": 7}),
+        }
+    }
+
+    fn found(phone: &str, ext: &str) -> LearnedResponsible {
+        LearnedResponsible::Found {
+            phone: phone.into(),
+            responsible: resp(ext),
+        }
+    }
+
+    fn cached_ext(c: &ResponsibleCache, phone: &str) -> Option<Option<String>> {
+        c.get(phone).map(|v| v.map(|r| r.extension.clone()))
+    }
+
+    fn cache() -> ResponsibleCache {
+        ResponsibleCache::new(Duration::from_secs(600), Duration::from_secs(60), 100)
+    }
+
+    #[test]
+    fn a_registration_replaces_a_negative_answer_and_a_stale_one() {
+        let c = cache();
+        c.put("+7 916 123-45-67", None);
+        assert_eq!(cached_ext(&c, "79161234567"), Some(None));
+        // Even the CRM asked second: "nobody" was every CRM's answer.
+        assert_eq!(c.learn(1, found("+79161234567", "101")), Warmed::Stored);
+        assert_eq!(cached_ext(&c, "89161234567"), Some(Some("101".into())));
+        // The same CRM says the responsible changed: the new one replaces it.
+        assert_eq!(c.learn(1, found("79161234567", "102")), Warmed::Stored);
+        assert_eq!(cached_ext(&c, "79161234567"), Some(Some("102".into())));
+        let r = c.get("79161234567").flatten().expect("cached");
+        assert_eq!(*r, resp("102"), "stored exactly as learned");
+    }
+
+    #[test]
+    fn precedence_of_the_lookup_order_is_kept() {
+        let c = cache();
+        // Nothing cached: only the CRM asked first may answer (an earlier CRM might
+        // know the client).
+        assert_eq!(c.learn(1, found("79161234567", "102")), Warmed::Kept);
+        assert_eq!(c.get("79161234567"), None);
+        assert_eq!(c.learn(0, found("79161234567", "101")), Warmed::Stored);
+        // A later CRM never overrides the first one's answer.
+        assert_eq!(c.learn(1, found("79161234567", "102")), Warmed::Kept);
+        assert_eq!(cached_ext(&c, "79161234567"), Some(Some("101".into())));
+
+        // An answer a lookup got from the second CRM: the first CRM's registration
+        // outranks it, the second may refresh it.
+        c.put_ranked("79990000000", Some(Arc::new(resp("103"))), Some(1));
+        assert_eq!(c.learn(1, found("79990000000", "104")), Warmed::Stored);
+        assert_eq!(c.learn(0, found("79990000000", "101")), Warmed::Stored);
+        assert_eq!(c.learn(1, found("79990000000", "104")), Warmed::Kept);
+        assert_eq!(cached_ext(&c, "79990000000"), Some(Some("101".into())));
+
+        // Source unknown (plain `put`): only the first CRM replaces it.
+        c.put("79880000000", Some(Arc::new(resp("103"))));
+        assert_eq!(c.learn(1, found("79880000000", "104")), Warmed::Kept);
+        assert_eq!(c.learn(0, found("79880000000", "104")), Warmed::Stored);
+    }
+
+    #[test]
+    fn no_route_drops_only_this_crms_answer() {
+        let c = cache();
+        let no = |p: &str| LearnedResponsible::NoRoute { phone: p.into() };
+        c.put_ranked("79161234567", Some(Arc::new(resp("101"))), Some(0));
+        assert_eq!(c.learn(1, no("79161234567")), Warmed::Kept);
+        assert_eq!(cached_ext(&c, "79161234567"), Some(Some("101".into())));
+        assert_eq!(c.learn(0, no("79161234567")), Warmed::Forgotten);
+        assert_eq!(c.get("79161234567"), None, "next call looks up again");
+        // A negative answer stays negative.
+        c.put("79990000000", None);
+        assert_eq!(c.learn(0, no("79990000000")), Warmed::Kept);
+        assert_eq!(c.get("79990000000"), Some(None));
+    }
+
+    #[test]
+    fn a_lookup_that_started_before_a_registration_does_not_undo_it() {
+        let c = cache();
+        let started = Instant::now();
+        assert_eq!(c.learn(0, found("79161234567", "102")), Warmed::Stored);
+        // The lookup's (older) answer arrives afterwards.
+        c.insert(
+            "79161234567",
+            Some(Arc::new(resp("101"))),
+            Some(0),
+            None,
+            Some(started),
+        );
+        assert_eq!(cached_ext(&c, "79161234567"), Some(Some("102".into())));
+        // A lookup started later is newer than the registration.
+        c.insert(
+            "79161234567",
+            Some(Arc::new(resp("103"))),
+            Some(0),
+            None,
+            Some(Instant::now()),
+        );
+        assert_eq!(cached_ext(&c, "79161234567"), Some(Some("103".into())));
+    }
+
+    #[test]
+    fn zero_ttl_stores_nothing() {
+        let c = ResponsibleCache::new(Duration::ZERO, Duration::ZERO, 10);
+        c.put("79161234567", None);
+        assert_eq!(c.learn(0, found("79161234567", "101")), Warmed::Kept);
+        assert!(c.is_empty());
+    }
+
+    /// A connector whose reports say who is responsible, like Kommo's.
+    struct Reporting(&'static str);
+
+    impl Connector for Reporting {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn wants(&self, _stage: crate::calls::Stage) -> bool {
+            true
+        }
+        fn deliver<'a>(
+            &'a self,
+            _job: &'a Job,
+            _steps: &'a dyn crate::crm::JobSteps,
+        ) -> BoxFuture<'a, Result<DeliveryReport, crate::crm::CrmError>> {
+            Box::pin(async { Ok(json!({})) })
+        }
+        fn find_responsible<'a>(
+            &'a self,
+            _phone: &'a str,
+        ) -> BoxFuture<'a, Result<Option<Responsible>, crate::crm::CrmError>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn responsible_from_report<'a>(
+            &'a self,
+            _job: &'a Job,
+            report: &'a DeliveryReport,
+        ) -> BoxFuture<'a, Option<LearnedResponsible>> {
+            let ext = report["ext"].as_str().map(str::to_string);
+            Box::pin(async move { Some(found("79161234567", &ext?)) })
+        }
+    }
+
+    fn job() -> Job {
+        Job {
+            id: 1,
+            connector: "a".into(),
+            stage: crate::calls::Stage::CallEnded,
+            conversation_id: None,
+            call_full: Default::default(),
+            attempts: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_warmer_ranks_connectors_by_the_lookup_order() {
+        let cache = Arc::new(cache());
+        let warmer = CacheWarmer::new(cache.clone(), vec!["first", "second"]);
+        let (first, second, stranger) = (
+            Reporting("first"),
+            Reporting("second"),
+            Reporting("stranger"),
+        );
+        let report = json!({"ext": "102"});
+        assert_eq!(
+            warmer.delivered(&second, &job(), &report).await,
+            Some(Warmed::Kept)
+        );
+        assert_eq!(
+            warmer.delivered(&stranger, &job(), &report).await,
+            None,
+            "not in the lookup"
+        );
+        assert_eq!(
+            warmer.delivered(&first, &job(), &json!({})).await,
+            None,
+            "report says nothing"
+        );
+        assert_eq!(
+            warmer.delivered(&first, &job(), &report).await,
+            Some(Warmed::Stored)
+        );
+        assert_eq!(cached_ext(&cache, "79161234567"), Some(Some("102".into())));
+        // The cache answers the autodistribution without asking the lookup.
+        let auto = Autodistributor::new(
+            &AgiConfig::default(),
+            Arc::new(CrmLookup::new(vec![])),
+            cache.clone(),
+            Arc::new(crate::hooks::NoCustomizations),
+        )
+        .with_customization(false);
+        let route = auto
+            .route(&AutodistRequest {
+                phone: "+79161234567".into(),
+                ..AutodistRequest::default()
+            })
+            .await;
+        assert_eq!(
+            route,
+            Some(Route {
+                number: "102".into(),
+                name: "Client of 102".into()
+            })
+        );
+    }
 
     #[test]
     fn quoting_escapes_quotes_and_backslashes() {

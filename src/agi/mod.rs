@@ -9,7 +9,8 @@
 //!
 //! * [`protocol`]: the wire format (environment block, replies, `HANGUP`), with limits.
 //! * [`server`]: accept loop, connection cap, per-session timeouts, routing by script.
-//! * [`autodist`]: lookup trait, TTL cache (with negative answers), deadline, hook.
+//! * [`autodist`]: lookup trait, TTL cache (with negative answers, warmed from CRM
+//!   registrations), deadline, hook.
 //! * [`http`]: `GET /autodistribution?phone=...` for dialplans that use `CURL()`.
 
 pub mod autodist;
@@ -22,8 +23,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use autodist::{
-    AutodistHandler, AutodistRequest, Autodistributor, CrmLookup, LookupError, ResponsibleCache,
-    ResponsibleLookup, Route,
+    AutodistHandler, AutodistRequest, Autodistributor, CacheWarmer, CrmLookup, LookupError,
+    ResponsibleCache, ResponsibleLookup, Route, Warmed,
 };
 pub use protocol::{AgiEnv, AgiError, AgiLimits, Reply};
 pub use server::{AgiHandler, AgiServer, AgiSession};
@@ -51,6 +52,11 @@ pub struct AgiConfig {
     pub negative_cache_ttl: Duration,
     /// Cache size cap (numbers).
     pub cache_max_entries: usize,
+    /// Warm the cache from call registrations: the responsible employee a CRM
+    /// registration found or set answers the client's next call without a lookup.
+    /// Kommo reads it from the registration; Bitrix24 spends one `crm.<type>.get` per
+    /// finished call (off the call path) instead of the lookup's two on the next call.
+    pub warm_from_registrations: bool,
     /// A CRM lookup still running after the deadline may finish (and fill the cache for
     /// the next call) for at most this long.
     #[serde(with = "humantime_serde")]
@@ -82,6 +88,7 @@ impl Default for AgiConfig {
             cache_ttl: Duration::from_secs(600),
             negative_cache_ttl: Duration::from_secs(60),
             cache_max_entries: 100_000,
+            warm_from_registrations: true,
             lookup_timeout: Duration::from_secs(10),
             max_connections: 1024,
             max_header_bytes: 16 * 1024,

@@ -76,6 +76,20 @@ pub struct Responsible {
     pub entity: serde_json::Value,
 }
 
+/// What a delivered registration says about who is responsible for a client, for the
+/// autodistribution cache (see [`Connector::responsible_from_report`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum LearnedResponsible {
+    /// [`Connector::find_responsible`] for `phone` would now answer `responsible`.
+    Found {
+        phone: String,
+        responsible: Responsible,
+    },
+    /// The client's responsible employee is someone this CRM cannot route to (no
+    /// internal number), or may have changed: an answer cached from this CRM is stale.
+    NoRoute { phone: String },
+}
+
 /// One CRM.
 pub trait Connector: Send + Sync {
     /// `kommo` or `bitrix24`: the name used in config, jobs, logs and metrics.
@@ -97,6 +111,20 @@ pub trait Connector: Send + Sync {
         &'a self,
         phone: &'a str,
     ) -> BoxFuture<'a, Result<Option<Responsible>, CrmError>>;
+
+    /// After [`Connector::deliver`] returned `report` for `job`: who is responsible for
+    /// the client now, exactly as [`Connector::find_responsible`] would answer (same
+    /// extension, name and entity), so the daemon can warm the autodistribution cache
+    /// and the client's next call is routed without a CRM request. Read from the report;
+    /// `None` when it does not say. Never fails: warming is best effort.
+    fn responsible_from_report<'a>(
+        &'a self,
+        job: &'a Job,
+        report: &'a DeliveryReport,
+    ) -> BoxFuture<'a, Option<LearnedResponsible>> {
+        let _ = (job, report);
+        Box::pin(async { None })
+    }
 }
 
 /// OAuth tokens of one CRM account, as stored durably.

@@ -135,9 +135,20 @@ pub async fn run(
         workers: Mutex::new(None),
     });
 
+    // The autodistribution cache, shared by the routing (FastAGI, HTTP) and the CRM
+    // workers, whose registrations warm it.
+    let agi_cache = Arc::new(crate::agi::ResponsibleCache::from_config(&config.agi));
+    let warm = routing::WarmFromRegistrations::new(
+        &config,
+        agi_cache.clone(),
+        &connectors,
+        metrics.clone(),
+    )
+    .map(|w| Arc::new(w) as Arc<dyn outbox_worker::DeliveryListener>);
+
     // CRM workers first: pending jobs from before a restart resume right away.
     let workers_cancel = CancellationToken::new();
-    let workers = outbox_worker::OutboxWorkers::start(
+    let workers = outbox_worker::OutboxWorkers::start_with_listener(
         &store,
         built
             .iter()
@@ -145,6 +156,7 @@ pub async fn run(
             .collect(),
         &config.storage,
         &workers_cancel,
+        warm,
     );
     if let Ok(mut w) = shared.workers.lock() {
         *w = Some(workers);
@@ -175,6 +187,7 @@ pub async fn run(
     let routing = routing::start(
         &config,
         &connectors,
+        agi_cache,
         built.iter().find_map(|b| b.bitrix.clone()),
         hooks.clone(),
         ami.clone(),

@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::crm::rate_limit::RateLimiter;
-use crate::crm::{Connector, CrmError};
+use crate::crm::{BoxFuture, Connector, CrmError, DeliveryReport, Job};
 use crate::store::{DueJob, StorageConfig, Store, now_ms};
 
 /// Retry and pacing policy of one worker (from `[storage]`).
@@ -76,6 +76,27 @@ impl WorkerConfig {
         base.mul_f64(rand::thread_rng().gen_range(0.5..1.0))
     }
 }
+
+/// Told of every job delivered (after its outcome is recorded), with the connector's
+/// report: the daemon warms the autodistribution cache this way. Runs inside the
+/// delivery task, bounded by [`LISTENER_TIMEOUT`]; it cannot fail the job.
+pub trait DeliveryListener: Send + Sync {
+    /// `queued`: from enqueue (or admin retry) to delivered; a report of a job that
+    /// waited long (retries during an outage) may describe an older state of the CRM.
+    fn delivered<'a>(
+        &'a self,
+        connector: &'a dyn Connector,
+        job: &'a Job,
+        report: &'a DeliveryReport,
+        queued: Duration,
+    ) -> BoxFuture<'a, ()>;
+}
+
+/// A connector with its own rate limiter, if any (see [`OutboxWorker::spawn`]).
+pub type WorkerConnector = (Arc<dyn Connector>, Option<Arc<RateLimiter>>);
+
+/// Longest a [`DeliveryListener`] may hold a delivery slot.
+pub const LISTENER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a connector is not delivering right now.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -235,6 +256,18 @@ impl OutboxWorker {
         cfg: WorkerConfig,
         cancel: CancellationToken,
     ) -> OutboxWorker {
+        Self::spawn_with_listener(store, connector, limiter, cfg, cancel, None)
+    }
+
+    /// [`OutboxWorker::spawn`], telling `listener` of every delivered job.
+    pub fn spawn_with_listener(
+        store: Store,
+        connector: Arc<dyn Connector>,
+        limiter: Option<Arc<RateLimiter>>,
+        cfg: WorkerConfig,
+        cancel: CancellationToken,
+        listener: Option<Arc<dyn DeliveryListener>>,
+    ) -> OutboxWorker {
         let shared = Arc::new(Shared {
             name: connector.name(),
             stats: WorkerStats::default(),
@@ -246,6 +279,7 @@ impl OutboxWorker {
             limiter,
             cfg,
             shared: shared.clone(),
+            listener,
         };
         let task = tokio::spawn(w.run(cancel));
         OutboxWorker { shared, task }
@@ -354,6 +388,7 @@ struct Worker {
     limiter: Option<Arc<RateLimiter>>,
     cfg: WorkerConfig,
     shared: Arc<Shared>,
+    listener: Option<Arc<dyn DeliveryListener>>,
 }
 
 impl Worker {
@@ -459,6 +494,7 @@ impl Worker {
                 limiter: self.limiter.clone(),
                 cfg: self.cfg.clone(),
                 shared: self.shared.clone(),
+                listener: self.listener.clone(),
             };
             let handle = inflight.spawn(ctx.deliver(due));
             running.insert(handle.id(), key);
@@ -520,6 +556,7 @@ struct Delivery {
     limiter: Option<Arc<RateLimiter>>,
     cfg: WorkerConfig,
     shared: Arc<Shared>,
+    listener: Option<Arc<dyn DeliveryListener>>,
 }
 
 impl Delivery {
@@ -548,6 +585,18 @@ impl Delivery {
                         attempts,
                         "delivered"
                     );
+                    if let Some(l) = &self.listener {
+                        let queued = Duration::from_millis(delay);
+                        let told = l.delivered(self.connector.as_ref(), job, &report, queued);
+                        if tokio::time::timeout(LISTENER_TIMEOUT, told).await.is_err() {
+                            tracing::warn!(
+                                crm = name,
+                                job_id = id,
+                                call_id,
+                                "delivery listener timed out"
+                            );
+                        }
+                    }
                 }
                 (Outcome::Done, r)
             }
@@ -650,14 +699,34 @@ impl OutboxWorkers {
     /// Everything stops when `cancel` fires; then [`OutboxWorkers::join`].
     pub fn start(
         store: &Store,
-        connectors: Vec<(Arc<dyn Connector>, Option<Arc<RateLimiter>>)>,
+        connectors: Vec<WorkerConnector>,
         storage: &StorageConfig,
         cancel: &CancellationToken,
+    ) -> OutboxWorkers {
+        Self::start_with_listener(store, connectors, storage, cancel, None)
+    }
+
+    /// [`OutboxWorkers::start`], telling `listener` of every delivered job.
+    pub fn start_with_listener(
+        store: &Store,
+        connectors: Vec<WorkerConnector>,
+        storage: &StorageConfig,
+        cancel: &CancellationToken,
+        listener: Option<Arc<dyn DeliveryListener>>,
     ) -> OutboxWorkers {
         let cfg = WorkerConfig::from(storage);
         let workers = connectors
             .into_iter()
-            .map(|(c, l)| OutboxWorker::spawn(store.clone(), c, l, cfg.clone(), cancel.clone()))
+            .map(|(c, l)| {
+                OutboxWorker::spawn_with_listener(
+                    store.clone(),
+                    c,
+                    l,
+                    cfg.clone(),
+                    cancel.clone(),
+                    listener.clone(),
+                )
+            })
             .collect();
         let housekeeping = spawn_housekeeping(
             store.clone(),

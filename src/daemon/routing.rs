@@ -8,13 +8,87 @@ use std::sync::Arc;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
-use crate::agi::{AgiServer, AutodistHandler, Autodistributor, CrmLookup, ResponsibleCache};
+use super::outbox_worker::DeliveryListener;
+use crate::agi::{
+    AgiServer, AutodistHandler, Autodistributor, CacheWarmer, CrmLookup, ResponsibleCache, Warmed,
+};
 use crate::ami::{AmiHandle, Message};
 use crate::config::Config;
 use crate::crm::bitrix24::{Bitrix24, ClickToCall as BitrixClickToCall};
-use crate::crm::{BoxFuture, Connector};
+use crate::crm::{BoxFuture, Connector, DeliveryReport, Job};
 use crate::hooks::Customize;
+use crate::metrics::Registry;
 use crate::originate::{ClickToCall, OriginateError, OriginateRequest, Originator};
+
+/// Warms the autodistribution cache from delivered CRM registrations (the outbox
+/// workers tell it of each delivered job), counted in `/metrics`.
+pub(crate) struct WarmFromRegistrations {
+    warmer: CacheWarmer,
+    metrics: Registry,
+    /// Reports of jobs queued longer than a cached answer may live are not used: their
+    /// steps may describe the CRM as it was long ago.
+    max_age: std::time::Duration,
+}
+
+impl WarmFromRegistrations {
+    /// `None` when warming is off (`[agi] warm_from_registrations`, or no positive TTL).
+    pub fn new(
+        config: &Config,
+        cache: Arc<ResponsibleCache>,
+        connectors: &[Arc<dyn Connector>],
+        metrics: Registry,
+    ) -> Option<WarmFromRegistrations> {
+        if !config.agi.warm_from_registrations
+            || config.agi.cache_ttl.is_zero()
+            || connectors.is_empty()
+        {
+            return None;
+        }
+        // The same order as the lookup's (`CrmLookup::new(connectors)` in `start`).
+        let order = connectors.iter().map(|c| c.name()).collect();
+        Some(WarmFromRegistrations {
+            warmer: CacheWarmer::new(cache, order),
+            metrics,
+            max_age: config.agi.cache_ttl,
+        })
+    }
+}
+
+impl DeliveryListener for WarmFromRegistrations {
+    fn delivered<'a>(
+        &'a self,
+        connector: &'a dyn Connector,
+        job: &'a Job,
+        report: &'a DeliveryReport,
+        queued: std::time::Duration,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if queued > self.max_age {
+                return;
+            }
+            let crm = [("crm", connector.name())];
+            match self.warmer.delivered(connector, job, report).await {
+                Some(Warmed::Stored) => self
+                    .metrics
+                    .counter(
+                        "kolokol_agi_cache_warmed_total",
+                        "Autodistribution answers stored from CRM registrations",
+                        &crm,
+                    )
+                    .inc(),
+                Some(Warmed::Forgotten) => self
+                    .metrics
+                    .counter(
+                        "kolokol_agi_cache_forgotten_total",
+                        "Cached autodistribution answers dropped because a registration showed them stale",
+                        &crm,
+                    )
+                    .inc(),
+                Some(Warmed::Kept) | None => {}
+            }
+        })
+    }
+}
 
 /// Originate through the daemon's long-lived AMI connection.
 pub(crate) struct AmiOriginator(pub AmiHandle);
@@ -41,6 +115,7 @@ pub(crate) struct Routing {
 pub(crate) async fn start(
     config: &Config,
     connectors: &[Arc<dyn Connector>],
+    cache: Arc<ResponsibleCache>,
     bitrix: Option<Arc<Bitrix24>>,
     hooks: Arc<dyn Customize>,
     ami: AmiHandle,
@@ -51,7 +126,6 @@ pub(crate) async fn start(
 
     // Autodistribution: the CRMs answer who is responsible for a caller.
     let lookup = Arc::new(CrmLookup::new(connectors.to_vec()));
-    let cache = Arc::new(ResponsibleCache::from_config(&config.agi));
     let auto = Arc::new(Autodistributor::new(
         &config.agi,
         lookup,

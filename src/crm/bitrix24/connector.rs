@@ -35,7 +35,8 @@ use super::{Bitrix24Config, LookupMethod, MissedResponsible, RecordMode, ShowMod
 use crate::calls::{CallFull, Direction, Stage};
 use crate::crm::rate_limit::RateLimiter;
 use crate::crm::{
-    BoxFuture, Connector, CrmError, DeliveryReport, Job, JobSteps, Responsible, TokenStore,
+    BoxFuture, Connector, CrmError, DeliveryReport, Job, JobSteps, LearnedResponsible, Responsible,
+    TokenStore,
 };
 use crate::hooks::{Customize, HookOutcome};
 
@@ -1188,6 +1189,14 @@ impl Connector for Bitrix24 {
                 entity: json!({"type": found.entity_type, "id": found.id, "assigned_by_id": uid}),
             }))
         })
+    }
+
+    fn responsible_from_report<'a>(
+        &'a self,
+        job: &'a Job,
+        report: &'a DeliveryReport,
+    ) -> BoxFuture<'a, Option<LearnedResponsible>> {
+        Box::pin(super::warm::responsible_from_report(self, job, report))
     }
 }
 

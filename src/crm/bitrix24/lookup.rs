@@ -114,26 +114,10 @@ pub async fn find(client: &Client, phone: &str) -> Result<Option<Found>, BitrixE
         let Some(e) = details.results.get(&format!("{ty}_{id}")) else {
             continue;
         };
-        if ty == "LEAD" {
-            let converted = e.get("STATUS_SEMANTIC_ID").and_then(Value::as_str) == Some("S")
-                || e.get("STATUS_ID").and_then(Value::as_str) == Some("CONVERTED");
-            if converted {
-                continue;
-            }
+        if ty == "LEAD" && converted_lead(e) {
+            continue;
         }
-        let name = match ty.as_str() {
-            "CONTACT" => [e.get("NAME"), e.get("LAST_NAME")]
-                .iter()
-                .filter_map(|v| v.and_then(Value::as_str))
-                .filter(|s| !s.is_empty())
-                .collect::<Vec<_>>()
-                .join(" "),
-            _ => e
-                .get("TITLE")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
-        };
+        let name = entity_name(ty, e);
         return Ok(Some(Found {
             entity_type: ty.clone(),
             id: *id,
@@ -142,6 +126,30 @@ pub async fn find(client: &Client, phone: &str) -> Result<Option<Found>, BitrixE
         }));
     }
     Ok(None)
+}
+
+/// A converted lead's client lives on as a contact or company: lookups skip it.
+pub fn converted_lead(e: &Value) -> bool {
+    e.get("STATUS_SEMANTIC_ID").and_then(Value::as_str) == Some("S")
+        || e.get("STATUS_ID").and_then(Value::as_str) == Some("CONVERTED")
+}
+
+/// Display name of an entity from `crm.<type>.get`: a contact's first and last name,
+/// otherwise the title.
+pub fn entity_name(entity_type: &str, e: &Value) -> String {
+    match entity_type {
+        "CONTACT" => [e.get("NAME"), e.get("LAST_NAME")]
+            .iter()
+            .filter_map(|v| v.and_then(Value::as_str))
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => e
+            .get("TITLE")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+    }
 }
 
 /// The one-request alternative: `telephony.externalCall.searchCrmEntities`, which

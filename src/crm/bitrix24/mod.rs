@@ -9,6 +9,7 @@
 //! * [`client`] is the REST client (webhook or OAuth, leaky-bucket limit, batch, retries).
 //! * [`lookup`] is CallGate's contact → company → lead chain, used for registration and
 //!   autodistribution.
+//! * [`warm`] reads a finished call's entity to warm the autodistribution cache.
 
 pub mod client;
 pub mod connector;
@@ -18,6 +19,7 @@ pub mod form;
 pub mod lookup;
 pub mod store;
 pub mod users;
+pub mod warm;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -34,7 +34,9 @@ use super::batch::{Batcher, ItemAnswer};
 use super::client::{KommoClient, KommoError};
 use super::{KommoConfig, NAME};
 use crate::calls::{CallFull, Direction, Stage};
-use crate::crm::{BoxFuture, Connector, CrmError, DeliveryReport, Job, JobSteps, Responsible};
+use crate::crm::{
+    BoxFuture, Connector, CrmError, DeliveryReport, Job, JobSteps, LearnedResponsible, Responsible,
+};
 use crate::hooks::{Customize, HookOutcome};
 use crate::phone;
 
@@ -1370,8 +1372,11 @@ impl KommoConnector {
         } else {
             Value::Null
         };
+        // A changed responsible user is what the autodistribution cache needs (see `warm`).
+        let contact_update = steps.get("contact_update").unwrap_or(Value::Null);
         let report = json!({
             "registered": true, "phone": phone, "contact": contact, "lead": lead,
+            "contact_update": contact_update,
             "call": call_res, "task": task, "completed_tasks": completed,
         });
         if steps.get("post_registration").is_none() {
@@ -1449,6 +1454,15 @@ impl Connector for KommoConnector {
         phone: &'a str,
     ) -> BoxFuture<'a, Result<Option<Responsible>, CrmError>> {
         Box::pin(self.responsible_for(phone))
+    }
+
+    fn responsible_from_report<'a>(
+        &'a self,
+        _job: &'a Job,
+        report: &'a DeliveryReport,
+    ) -> BoxFuture<'a, Option<LearnedResponsible>> {
+        let learned = super::warm::responsible_from_report(&self.cfg, report);
+        Box::pin(async move { learned })
     }
 }
 

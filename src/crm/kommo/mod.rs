@@ -12,11 +12,14 @@
 //!   request per endpoint (one request against the rate limit for many calls).
 //! * [`connector`]: the registration steps, each recorded through
 //!   [`crate::crm::JobSteps`] so a redelivered job never creates duplicates.
+//! * [`warm`]: the client's responsible user read from a registration's report, to
+//!   warm the autodistribution cache.
 //! * [`tokens`]: a small SQLite [`crate::crm::TokenStore`] for `kolokol kommo auth`.
 
 pub mod batch;
 pub mod client;
 pub mod connector;
+pub mod warm;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
