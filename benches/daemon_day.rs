@@ -262,12 +262,16 @@ async fn main() {
             last_report = Instant::now();
             let rss = proc_status_kb(pid, "VmRSS").unwrap_or(0);
             peak_rss_seen = peak_rss_seen.max(rss);
+            let mb = |k| proc_status_kb(pid, k).unwrap_or(0) as f64 / 1024.0;
             eprintln!(
-                "  {:>6.1}s  kommo {:>6}/{expected}  bitrix24 {:>6}/{expected}  rss {:.1} MB",
+                "  {:>6.1}s  kommo {:>6}/{expected}  bitrix24 {:>6}/{expected}  rss {:.1} MB (anon {:.1}, file {:.1}, shmem {:.1})",
                 started.elapsed().as_secs_f64(),
                 kommo.len(),
                 bitrix.len(),
-                rss as f64 / 1024.0
+                rss as f64 / 1024.0,
+                mb("RssAnon"),
+                mb("RssFile"),
+                mb("RssShmem"),
             );
         }
     }

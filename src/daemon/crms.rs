@@ -27,6 +27,9 @@ pub struct BuiltConnector {
     pub bitrix: Option<Arc<Bitrix24>>,
 }
 
+/// How long a Bitrix24 upload waits for the recording's conversion to finish.
+const UPLOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Build every connector the config enables. Account checks run in the background:
 /// a CRM that is down at start must not stop call tracking (jobs wait in the outbox).
 pub async fn build(
@@ -34,6 +37,7 @@ pub async fn build(
     store: &Store,
     hooks: Arc<Runner>,
     _metrics: &Registry,
+    records: Option<&Arc<crate::records::Recordings>>,
 ) -> anyhow::Result<Vec<BuiltConnector>> {
     let mut out = Vec::new();
     let hooks: Arc<dyn Customize> = hooks;
@@ -63,7 +67,18 @@ pub async fn build(
             bitrix24::Deps {
                 store: Arc::new(DbCallIds(store.clone())),
                 hooks: hooks.clone(),
-                records: Arc::new(PathRecords),
+                records: match records {
+                    // Upload the converted file behind the call's signed link.
+                    Some(r) => Arc::new(super::recordings::DaemonRecords {
+                        catalog: Arc::new(super::recordings::DbCatalog {
+                            dir: r.catalog(),
+                            store: store.clone(),
+                        }),
+                        signer: r.signer().clone(),
+                        wait: UPLOAD_WAIT,
+                    }),
+                    None => Arc::new(PathRecords),
+                },
                 tokens: Arc::new(store.clone()),
             },
         )

@@ -112,7 +112,7 @@ pub async fn run(
     .map_err(|e| tracing::error!(error = %e, "recordings disabled: fix [records]"))
     .ok();
 
-    let built = crms::build(&config, &store, hooks.clone(), &metrics)
+    let built = crms::build(&config, &store, hooks.clone(), &metrics, records.as_ref())
         .await
         .context("CRM setup failed")?;
     let connectors: Vec<Arc<dyn Connector>> = built.iter().map(|b| b.connector.clone()).collect();
