@@ -74,26 +74,33 @@ async fn run(c: &Arc<KommoConnector>, jobs: Vec<Job>, parallel: usize) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
-/// Drain `n` queued calls at 7 requests/s with `parallel` deliveries in flight.
-async fn backlog(n: usize, batch_size: usize, parallel: usize) {
+/// A fresh sandbox account limited to `rate` requests/s and a connector to it.
+async fn sandbox_and_connector(
+    rate: f64,
+    batch_size: usize,
+) -> (SandboxKommo, Arc<KommoConnector>) {
     let s = SandboxKommo::start().await.expect("sandbox");
-    s.set_rate_limit(7.0);
+    s.set_rate_limit(rate);
     let mut cfg = KommoConfig {
         base_url: s.base_url(),
         long_lived_token: Some(sb::LONG_LIVED_TOKEN.into()),
-        rate_limit: 7.0,
+        rate_limit: rate,
         batch_size,
         ..Default::default()
     };
     cfg.users.insert("101".into(), 5002);
-    let c = Arc::new(
-        KommoConnector::new(
-            cfg,
-            Arc::new(MemoryTokenStore::default()),
-            Arc::new(NoCustomizations),
-        )
-        .expect("connector"),
-    );
+    let c = KommoConnector::new(
+        cfg,
+        Arc::new(MemoryTokenStore::default()),
+        Arc::new(NoCustomizations),
+    )
+    .expect("connector");
+    (s, Arc::new(c))
+}
+
+/// Drain `n` queued calls at 7 requests/s with `parallel` deliveries in flight.
+async fn backlog(n: usize, batch_size: usize, parallel: usize) {
+    let (s, c) = sandbox_and_connector(7.0, batch_size).await;
     let jobs: Vec<Job> = (0..n)
         .map(|i| call(20_000 + i, format!("7905{i:07}"), i % 3 != 0))
         .collect();
@@ -114,23 +121,7 @@ async fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
-    let s = SandboxKommo::start().await.expect("sandbox");
-    s.set_rate_limit(1e9);
-    let mut cfg = KommoConfig {
-        base_url: s.base_url(),
-        long_lived_token: Some(sb::LONG_LIVED_TOKEN.into()),
-        rate_limit: 1e9,
-        ..Default::default()
-    };
-    cfg.users.insert("101".into(), 5002);
-    let c = Arc::new(
-        KommoConnector::new(
-            cfg,
-            Arc::new(MemoryTokenStore::default()),
-            Arc::new(NoCustomizations),
-        )
-        .expect("connector"),
-    );
+    let (s, c) = sandbox_and_connector(1e9, KommoConfig::default().batch_size).await;
 
     // Requests per call, by scenario.
     for (label, answered, known) in [
