@@ -10,6 +10,7 @@
 //! ```sh
 //! cargo bench --bench agi_load                      # 5 s per target, 50 sessions
 //! cargo bench --bench agi_load -- --secs 10 --concurrency 50 --server-threads 1 --gen-threads 2
+//! cargo bench --bench agi_load -- --pin   # server (and panoramisk) on CPU 0, generator on CPU 1
 //! ```
 //!
 //! Besides throughput and latency it prints the server's CPU time per session (from
@@ -58,6 +59,8 @@ struct Opts {
     gen_threads: usize,
     only_kolokol: bool,
     only_trivial: bool,
+    /// Server threads (and panoramisk) on CPU 0, generator threads on CPU 1.
+    pin: bool,
 }
 
 fn opts() -> Opts {
@@ -71,6 +74,7 @@ fn opts() -> Opts {
         gen_threads: 2,
         only_kolokol: false,
         only_trivial: false,
+        pin: false,
     };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -93,6 +97,7 @@ fn opts() -> Opts {
             "--no-python" => o.python = false,
             "--only-kolokol" => o.only_kolokol = true,
             "--only-trivial" => o.only_trivial = true,
+            "--pin" => o.pin = true,
             "--server-threads" => {
                 o.server_threads = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(1);
                 i += 1;
@@ -337,7 +342,19 @@ struct Peer {
     _dir: Option<tempfile::TempDir>,
 }
 
-fn start_panoramisk() -> Result<(Peer, SocketAddr), String> {
+/// Keep the calling thread on one CPU (for `--pin`).
+fn pin_to(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; the calls only read and write the set we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            eprintln!("cannot pin a thread to CPU {cpu}");
+        }
+    }
+}
+
+fn start_panoramisk(pin: bool) -> Result<(Peer, SocketAddr), String> {
     let (path, keep) = match std::env::var("AGI_BENCH_PYTHONPATH") {
         Ok(p) => (std::path::PathBuf::from(p), None),
         Err(_) => {
@@ -366,7 +383,15 @@ fn start_panoramisk() -> Result<(Peer, SocketAddr), String> {
         let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         l.local_addr().map_err(|e| e.to_string())?.port()
     };
-    let mut child = std::process::Command::new("python3")
+    let mut cmd = if pin {
+        // The peer gets the server's CPU, like kolokol's server threads.
+        let mut c = std::process::Command::new("taskset");
+        c.args(["-c", "0", "python3"]);
+        c
+    } else {
+        std::process::Command::new("python3")
+    };
+    let mut child = cmd
         .arg(PEER_SCRIPT)
         .arg(port.to_string())
         .env("PYTHONPATH", &path)
@@ -442,15 +467,26 @@ fn main() {
     let o = opts();
     // Separate runtimes (named threads, for the CPU accounting): the servers must not
     // share worker threads with the generator.
+    let pin = o.pin;
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(o.server_threads)
         .thread_name("srv")
+        .on_thread_start(move || {
+            if pin {
+                pin_to(0)
+            }
+        })
         .enable_all()
         .build()
         .expect("server runtime");
     let gen_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(o.gen_threads)
         .thread_name("gen")
+        .on_thread_start(move || {
+            if pin {
+                pin_to(1)
+            }
+        })
         .enable_all()
         .build()
         .expect("generator runtime");
@@ -488,7 +524,7 @@ fn main() {
         .map(|&r| ("kolokol", r, gen_rt.block_on(paced(ours, r, 2.0))))
         .collect();
     if o.python {
-        match start_panoramisk() {
+        match start_panoramisk(o.pin) {
             Ok((mut peer, addr)) => {
                 let pid = peer.child.id();
                 results.push(measure(
@@ -510,18 +546,20 @@ fn main() {
 
     println!();
     println!(
-        "| server | sessions/s | p50 | p99 | server CPU/session | generator CPU/session | errors |"
+        "| server | sessions/s | p50 | p99 | server CPU/session | generator CPU/session | server cores busy | generator cores busy | errors |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (s, srv_us, gen_us) in &results {
         println!(
-            "| {} | {:.0} | {:.2} ms | {:.2} ms | {:.0} µs | {:.0} µs | {} |",
+            "| {} | {:.0} | {:.2} ms | {:.2} ms | {:.0} µs | {:.0} µs | {:.2} | {:.2} | {} |",
             s.name,
             s.rate(),
             s.p50_us as f64 / 1000.0,
             s.p99_us as f64 / 1000.0,
             srv_us,
             gen_us,
+            srv_us * s.rate() / 1e6,
+            gen_us * s.rate() / 1e6,
             s.errors
         );
     }
