@@ -39,6 +39,21 @@ impl RateLimiter {
         }
     }
 
+    /// Whether at least `fraction` of the burst is free right now, without taking any:
+    /// for optional requests that must not compete with the ones calls depend on.
+    pub fn has_spare(&self, fraction: f64) -> bool {
+        let Ok(b) = self.bucket.try_lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        if b.paused_until.is_some_and(|u| u > now) {
+            return false;
+        }
+        let elapsed = now.duration_since(b.last).as_secs_f64();
+        let tokens = (b.tokens + elapsed * self.rate_per_sec).min(self.burst);
+        tokens >= self.burst * fraction
+    }
+
     /// Wait until one request may be sent.
     pub async fn acquire(&self) {
         loop {
@@ -107,6 +122,22 @@ mod tests {
             e >= Duration::from_millis(990) && e <= Duration::from_millis(1100),
             "{e:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spare_capacity_is_read_without_taking_tokens() {
+        let rl = RateLimiter::new(2.0, 4);
+        assert!(rl.has_spare(0.5), "a full bucket has room");
+        for _ in 0..3 {
+            rl.acquire().await;
+        }
+        // One token of four left: busy for optional work, yet still one request free.
+        assert!(!rl.has_spare(0.5));
+        assert!(rl.has_spare(0.25));
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(rl.has_spare(0.5), "refilled to two of four");
+        rl.pause_for(Duration::from_secs(5)).await;
+        assert!(!rl.has_spare(0.0), "a paused bucket has nothing spare");
     }
 
     #[tokio::test(start_paused = true)]

@@ -589,7 +589,8 @@ impl Delivery {
                         let queued = Duration::from_millis(delay);
                         let told = l.delivered(self.connector.as_ref(), job, &report, queued);
                         if tokio::time::timeout(LISTENER_TIMEOUT, told).await.is_err() {
-                            tracing::warn!(
+                            // Only a cache went unwarmed; the job is done.
+                            tracing::debug!(
                                 crm = name,
                                 job_id = id,
                                 call_id,

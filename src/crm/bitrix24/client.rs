@@ -121,6 +121,12 @@ impl Client {
         })
     }
 
+    /// Whether the portal's request budget is at least half unused, so an optional
+    /// request (warming the autodistribution cache) costs the calls nothing.
+    pub fn has_spare_capacity(&self) -> bool {
+        self.limiter.has_spare(0.5)
+    }
+
     /// Call `method` and return its `result`.
     pub async fn call(&self, method: &str, params: Value) -> Result<Value, BitrixError> {
         let body = self.call_full(method, params).await?;

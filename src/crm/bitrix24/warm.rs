@@ -6,7 +6,8 @@
 //! (Bitrix24 binds by the same phone search). Its responsible user and name are not in
 //! the report, and may just have been changed (`set_responsible_on_answer`, a
 //! customization), so the entity is read once with `crm.<type>.get`: one request after
-//! the call, instead of the lookup's two during the client's next call. The answer is
+//! the call, instead of the lookup's two during the client's next call, and only when
+//! the portal's request budget is at least half unused (it allows 2 requests/s). The answer is
 //! built exactly like [`Bitrix24::find_responsible`]'s: `ASSIGNED_BY_ID` → the user's
 //! `UF_PHONE_INNER` (employee directory, in memory), the entity's name (else the
 //! employee's), entity `{"type", "id", "assigned_by_id"}`.
@@ -39,6 +40,12 @@ pub async fn responsible_from_report(
     let ty = report.get("crm_entity_type")?.as_str()?;
     let id = as_i64(report.get("crm_entity_id")).filter(|i| *i > 0)?;
     if !matches!(ty, "CONTACT" | "COMPANY" | "LEAD") {
+        return None;
+    }
+    if !b24.client().has_spare_capacity() {
+        // Bitrix24 allows 2 requests/s: with calls waiting for the budget, warming the
+        // cache would slow their registration down. The next call is looked up instead.
+        debug!(crm = "bitrix24", call_id = %job.call_full.id, "portal busy: autodistribution cache not warmed");
         return None;
     }
     let method = format!("crm.{}.get", ty.to_lowercase());
