@@ -4,6 +4,8 @@
 //! must register) and the per-scenario details of `tests/fixtures/README.md`
 //! (conversations in order, result codes, recordings, durations within one second).
 
+mod fixture_support;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -592,24 +594,7 @@ fn sessions_without_calls_emit_nothing_and_live_calls_empty_at_the_end() {
     }
 }
 
-const CALL_FIXTURES: &[&str] = &[
-    "01-inbound-answered-recorded",
-    "02-inbound-noanswer-missed",
-    "03-inbound-busy",
-    "04-inbound-ringgroup-102-answers",
-    "05-inbound-queue-101-answers",
-    "06-inbound-blind-transfer-101-to-102",
-    "07-inbound-attended-transfer-101-to-102",
-    "08-outbound-101-answered",
-    "09-outbound-101-noanswer",
-    "10-internal-101-to-102",
-    "11-click-to-call-originate",
-    "12-inbound-fastagi-autodistribution",
-    "13-inbound-abandoned-while-ringing",
-    "15-burst-20-concurrent",
-    "16-inbound-blind-transfer-sip-refer",
-    "17-inbound-queue-local-members-102-answers",
-];
+use fixture_support::CALL_FIXTURES;
 
 #[test]
 fn without_timeline_the_outcome_is_the_same() {

@@ -2,6 +2,8 @@
 //! TCP) and the sandbox Kommo and Bitrix24 (real HTTP), with a real SQLite state file.
 //! Each test checks what a manager would see in the CRMs: every call exactly once.
 
+mod fixture_support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -195,24 +197,7 @@ async fn every_fixture_call_is_registered_exactly_once() {
         daemon.log_text()
     );
 
-    let names = [
-        "01-inbound-answered-recorded",
-        "02-inbound-noanswer-missed",
-        "03-inbound-busy",
-        "04-inbound-ringgroup-102-answers",
-        "05-inbound-queue-101-answers",
-        "06-inbound-blind-transfer-101-to-102",
-        "07-inbound-attended-transfer-101-to-102",
-        "08-outbound-101-answered",
-        "09-outbound-101-noanswer",
-        "10-internal-101-to-102",
-        "11-click-to-call-originate",
-        "12-inbound-fastagi-autodistribution",
-        "13-inbound-abandoned-while-ringing",
-        "15-burst-20-concurrent",
-        "16-inbound-blind-transfer-sip-refer",
-        "17-inbound-queue-local-members-102-answers",
-    ];
+    let names = fixture_support::CALL_FIXTURES;
     for n in names {
         let replay = Replay::from_fixture(fixture(n))
             .expect("fixture")

@@ -9,6 +9,8 @@
 //! every Kommo customization changing something visible, and with customizations that
 //! fail in every way the contract names.
 
+mod fixture_support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -32,25 +34,7 @@ const LIMIT: Duration = Duration::from_secs(90);
 /// The client number of fixtures 01-13.
 const CLIENT: &str = "79161234567";
 
-/// Every fixture with calls, in recording order (14 has none).
-const FIXTURES: &[&str] = &[
-    "01-inbound-answered-recorded",
-    "02-inbound-noanswer-missed",
-    "03-inbound-busy",
-    "04-inbound-ringgroup-102-answers",
-    "05-inbound-queue-101-answers",
-    "06-inbound-blind-transfer-101-to-102",
-    "07-inbound-attended-transfer-101-to-102",
-    "08-outbound-101-answered",
-    "09-outbound-101-noanswer",
-    "10-internal-101-to-102",
-    "11-click-to-call-originate",
-    "12-inbound-fastagi-autodistribution",
-    "13-inbound-abandoned-while-ringing",
-    "15-burst-20-concurrent",
-    "16-inbound-blind-transfer-sip-refer",
-    "17-inbound-queue-local-members-102-answers",
-];
+use fixture_support::CALL_FIXTURES as FIXTURES;
 
 fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
