@@ -19,7 +19,8 @@
 //! `SPEED` = 20, `RATE` = calls started per second (0 = as fast as CONCURRENCY
 //! allows), `STORAGE_CONCURRENCY` = `[storage] concurrency` of the daemon (its default
 //! unless set), `RECORDINGS` = 1 (MixMonitor files written, converted to mp3 by
-//! kolokol), `RUST_LOG` = info for the daemon, `TIMEOUT` = 900 s, `KEEP` = 1 keeps the
+//! kolokol), `DAEMON_WRAPPER` = a tool to run the daemon under (e.g. `heaptrack`),
+//! `RUST_LOG` = info for the daemon, `TIMEOUT` = 900 s, `KEEP` = 1 keeps the
 //! temp dir with the daemon log and state).
 
 use std::collections::HashMap;
@@ -148,15 +149,27 @@ async fn main() {
     let log_path = dir.path().join("daemon.log");
     let log = std::fs::File::create(&log_path).expect("log file");
     let daemon = Daemon(
-        Command::new(BIN)
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", &log_level)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("kolokol starts"),
+        // `DAEMON_WRAPPER=heaptrack` (or `valgrind`, ...) runs the daemon under a tool;
+        // RSS and CPU figures are then the wrapper's.
+        match std::env::var("DAEMON_WRAPPER")
+            .ok()
+            .filter(|w| !w.is_empty())
+        {
+            Some(w) => {
+                let mut c = Command::new(w);
+                c.arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        }
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", &log_level)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("kolokol starts"),
     );
     let pid = daemon.0.id();
     if !world.ami.wait_logged_in(1, Duration::from_secs(60)).await {
