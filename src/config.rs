@@ -86,15 +86,6 @@ impl Config {
             }
         })?;
         config.validate(path)?;
-        let mut config = config;
-        // The CRMs read call_full's `YYYY-MM-DD HH:MM:SS` times at the offset the tracker
-        // wrote them with.
-        if let Some(k) = &mut config.kommo {
-            k.time_offset = config.calls.time_offset.clone();
-        }
-        if let Some(b) = &mut config.bitrix24 {
-            b.time_offset = config.calls.time_offset.clone();
-        }
         Ok(config)
     }
 

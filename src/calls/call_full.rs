@@ -122,6 +122,35 @@ pub struct CallFull {
     pub extra: serde_json::Map<String, Value>,
 }
 
+impl CallFull {
+    /// When the call started, Unix seconds: `start_timestamp` when the daemon stamped
+    /// it, else the earliest channel `start_time` (`YYYY-MM-DD HH:MM:SS`), read at
+    /// `offset`, the `[calls] time_offset` the tracker wrote it with. `None` when no
+    /// time is known yet (Itgrix's `0001-01-01 00:00:00`).
+    pub fn started_at(&self, offset: chrono::FixedOffset) -> Option<i64> {
+        use chrono::TimeZone;
+        if let Some(t) = self.extra.get("start_timestamp").and_then(Value::as_i64) {
+            return Some(t);
+        }
+        let parse = |s: &str| {
+            chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S")
+                .ok()
+                .and_then(|t| offset.from_local_datetime(&t).single())
+                .map(|t| t.timestamp())
+                .filter(|t| *t > 0)
+        };
+        std::iter::once(self.channel.start_time.as_str())
+            .chain(
+                self.conversations
+                    .0
+                    .iter()
+                    .map(|(_, c)| c.channel.start_time.as_str()),
+            )
+            .filter_map(parse)
+            .min()
+    }
+}
+
 /// A number with the name shown with it (caller ID, endpoint or trunk).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(default)]
@@ -292,6 +321,28 @@ impl<'de> Deserialize<'de> for Conversations {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn start_is_read_at_the_configured_offset() {
+        let mut c: CallFull = serde_json::from_value(serde_json::json!({
+            "id": "1.0",
+            "channel": {"start_time": "2026-11-21 23:47:41"},
+            "conversations": {
+                "1.1": {"channel": {"start_time": "2026-11-21 23:47:45"}},
+                "1.2": {"channel": {"start_time": "0001-01-01 00:00:00"}},
+            },
+        }))
+        .unwrap();
+        let utc = chrono::FixedOffset::east_opt(0).unwrap();
+        let msk = chrono::FixedOffset::east_opt(3 * 3600).unwrap();
+        assert_eq!(c.started_at(utc), Some(1795304861));
+        // The same wall-clock time written at +03:00 is three hours earlier.
+        assert_eq!(c.started_at(msk), Some(1795304861 - 3 * 3600));
+        c.extra
+            .insert("start_timestamp".into(), serde_json::json!(5));
+        assert_eq!(c.started_at(msk), Some(5), "the daemon's stamp wins");
+        assert_eq!(CallFull::default().started_at(utc), None);
+    }
 
     #[test]
     fn round_trips_and_keeps_unknown_fields() {

@@ -36,7 +36,7 @@ pub struct Job {
 }
 
 /// How a delivery went wrong, which decides what the worker does next.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CrmError {
     /// Try again later (5xx, 429, network): after `retry_after` if the CRM said so.
     #[error("{message}")]

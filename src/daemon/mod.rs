@@ -240,8 +240,7 @@ pub async fn run(
         public_url: config.http.public_url.clone(),
         convert: config.records.convert,
         metrics: metrics.clone(),
-        time_offset: crate::calls::config::parse_offset(&config.calls.time_offset)
-            .unwrap_or_else(|_| chrono::Offset::fix(&chrono::Utc)),
+        time_offset: crate::calls::config::offset_or_utc(&config.calls.time_offset),
     });
     let pipeline_task = tokio::spawn(pipeline.run(stage_rx));
 

@@ -239,27 +239,7 @@ impl Pipeline {
 /// `created_at` was 10 hours early on a server in Vladivostok). The pipeline knows the
 /// offset, so it gives the instant itself (connectors use this key first).
 fn stamp_start(call: &mut crate::calls::CallFull, offset: chrono::FixedOffset) {
-    use chrono::TimeZone;
-    if call.extra.contains_key("start_timestamp") {
-        return;
-    }
-    let parse = |s: &str| {
-        chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S")
-            .ok()
-            .and_then(|t| offset.from_local_datetime(&t).single())
-            .map(|t| t.timestamp())
-            // `0001-01-01 00:00:00` means "not yet".
-            .filter(|t| *t > 0)
-    };
-    let earliest = std::iter::once(call.channel.start_time.as_str())
-        .chain(
-            call.conversations
-                .iter()
-                .map(|(_, c)| c.channel.start_time.as_str()),
-        )
-        .filter_map(parse)
-        .min();
-    if let Some(t) = earliest {
+    if let Some(t) = call.started_at(offset) {
         call.extra.insert("start_timestamp".into(), json!(t));
     }
 }

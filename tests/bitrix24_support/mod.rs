@@ -110,8 +110,8 @@ pub fn call(id: &str, direction: Direction, client: &str, line: &str) -> CallFul
         line_number: line.into(),
         ..CallFull::default()
     };
-    c.extra
-        .insert("start_time".into(), json!("2026-11-21 23:47:41"));
+    // The tracker writes the start on the call's main channel.
+    c.channel.start_time = "2026-11-21 23:47:41".into();
     c.extra.insert("conversations".into(), json!({}));
     c
 }

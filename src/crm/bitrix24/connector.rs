@@ -518,7 +518,7 @@ impl Bitrix24 {
             "USER_ID": user_id,
             "PHONE_NUMBER": phone,
             "TYPE": ty,
-            "CALL_START_DATE": start_date(call, crate::calls::config::offset_or_utc(&self.cfg.time_offset)),
+            "CALL_START_DATE": start_date(call),
             "CRM_CREATE": if self.cfg.crm_create { 1 } else { 0 },
             "SHOW": if show { 1 } else { 0 },
             "LINE_NUMBER": call.line_number,
@@ -1364,28 +1364,14 @@ fn field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
 }
 
-/// `CALL_START_DATE`: the call's start (`start_time`, else the main channel's, written
-/// at `offset` by the tracker) in ISO-8601; now when unknown.
-fn start_date(call: &CallFull, offset: chrono::FixedOffset) -> String {
-    let v = view(call);
-    let candidates = [
-        field(&v, "start_time"),
-        v.get("channel").and_then(|c| field(c, "start_time")),
-    ];
-    for r in candidates.into_iter().flatten() {
-        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(r, "%Y-%m-%d %H:%M:%S") {
-            use chrono::{Datelike, TimeZone};
-            // `0001-01-01 00:00:00` means "not set".
-            if t.year() < 2000 {
-                continue;
-            }
-            if let Some(local) = offset.from_local_datetime(&t).single() {
-                return local.format("%Y-%m-%dT%H:%M:%S%:z").to_string();
-            }
-        }
-    }
-    chrono::Utc::now()
-        .with_timezone(&offset)
+/// `CALL_START_DATE`: when the call started ([`CallFull::started_at`]: the daemon's
+/// `start_timestamp`, else the channels' times read as UTC, the tracker's default) in
+/// ISO-8601; now when unknown.
+fn start_date(call: &CallFull) -> String {
+    use chrono::Offset;
+    call.started_at(chrono::Utc.fix())
+        .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+        .unwrap_or_else(chrono::Utc::now)
         .format("%Y-%m-%dT%H:%M:%S%:z")
         .to_string()
 }
@@ -1531,15 +1517,15 @@ mod tests {
         assert_eq!(all_employees(&c), vec!["103", "101", "102"]);
         assert!(is_transfer_leg(&c, Some("9.1")));
         assert!(!is_transfer_leg(&c, Some("9.2")));
-        let utc = chrono::FixedOffset::east_opt(0).unwrap();
-        assert!(!start_date(&c, utc).starts_with("0001"), "unset time → now");
+        assert!(!start_date(&c).starts_with("0001"), "unset time → now");
         let mut timed = c.clone();
+        timed.channel.start_time = "2026-11-21 23:47:41".into();
+        assert_eq!(start_date(&timed), "2026-11-21T23:47:41+00:00");
+        // The daemon's stamp (here from times written at +03:00) is the instant.
         timed
             .extra
-            .insert("start_time".into(), json!("2026-11-21 23:47:41"));
-        let msk = chrono::FixedOffset::east_opt(3 * 3600).unwrap();
-        assert_eq!(start_date(&timed, msk), "2026-11-21T23:47:41+03:00");
-        assert_eq!(start_date(&timed, utc), "2026-11-21T23:47:41+00:00");
+            .insert("start_timestamp".into(), json!(1795304861 - 3 * 3600));
+        assert_eq!(start_date(&timed), "2026-11-21T20:47:41+00:00");
         let v = view(&c);
         assert_eq!(
             v["variables"]

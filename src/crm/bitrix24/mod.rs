@@ -168,10 +168,6 @@ pub struct Bitrix24Config {
     /// Overrides of the call result → `STATUS_CODE` map: keys `"487"` or
     /// `"inbound:487"`, values Bitrix24 codes such as `"603-S"`.
     pub status_map: BTreeMap<String, String>,
-    /// The offset of call_full's times: `[calls] time_offset`, copied here when the
-    /// config is loaded (not a `[bitrix24]` key). Empty means UTC.
-    #[serde(skip)]
-    pub time_offset: String,
 }
 
 impl Default for Bitrix24Config {
@@ -209,7 +205,6 @@ impl Default for Bitrix24Config {
             offline_poll_interval: Duration::from_secs(2),
             click_to_call_dedup: Duration::from_secs(30),
             status_map: BTreeMap::new(),
-            time_offset: String::new(),
         }
     }
 }

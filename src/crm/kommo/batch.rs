@@ -164,7 +164,7 @@ impl Batcher {
             Err(e) => {
                 let e = CrmError::from(e);
                 for p in batch {
-                    let _ = p.reply.send(Err(same_error(&e)));
+                    let _ = p.reply.send(Err(e.clone()));
                 }
             }
         }
@@ -230,26 +230,6 @@ pub fn split_answer(answer: &Value, key: &str, n: usize) -> Vec<ItemAnswer> {
         }
     }
     out
-}
-
-/// `CrmError` is not `Clone` (it is an error type); every item of a failed batch gets
-/// an equal copy.
-fn same_error(e: &CrmError) -> CrmError {
-    match e {
-        CrmError::Retryable {
-            message,
-            retry_after,
-        } => CrmError::Retryable {
-            message: message.clone(),
-            retry_after: *retry_after,
-        },
-        CrmError::Rejected { message } => CrmError::Rejected {
-            message: message.clone(),
-        },
-        CrmError::Blocked { message } => CrmError::Blocked {
-            message: message.clone(),
-        },
-    }
 }
 
 #[cfg(test)]

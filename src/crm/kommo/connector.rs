@@ -82,8 +82,6 @@ pub struct KommoConnector {
     hooks: Arc<dyn Customize>,
     link_for: LinkFor,
     phone_field: OnceCell<i64>,
-    /// `[calls] time_offset`, to read call_full's times.
-    offset: chrono::FixedOffset,
     /// One find-or-create at a time per client number: two calls from a new number
     /// delivered at once must not both create a contact.
     client_locks: ClientLocks,
@@ -161,10 +159,16 @@ fn record(steps: &dyn JobSteps, step: &str, v: Value) -> Result<Value, CrmError>
     Ok(v)
 }
 
-fn as_id(v: Option<&Value>) -> Option<i64> {
+/// A client's name as the dialplan's CallerID name gets it: Asterisk keeps 20 characters.
+pub(super) fn caller_id_name(name: &str) -> String {
+    name.chars().take(20).collect()
+}
+
+/// A Kommo id, sent as a number or (by some customizations) as a string.
+pub(super) fn as_id(v: Option<&Value>) -> Option<i64> {
     match v? {
         Value::Number(n) => n.as_i64(),
-        Value::String(s) => s.parse().ok(),
+        Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }
 }
@@ -256,47 +260,17 @@ fn now_unix() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-/// A `call_full` time (`YYYY-MM-DD HH:MM:SS`, written at `[calls] time_offset`) as unix
-/// seconds; `None` for Itgrix's "no time" value `0001-01-01 00:00:00` or garbage.
-fn local_time(v: Option<&Value>, offset: chrono::FixedOffset) -> Option<i64> {
-    use chrono::TimeZone;
-    let s = v?.as_str()?;
-    let t = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").ok()?;
-    if t.and_utc().timestamp() <= 0 {
-        return None;
-    }
-    offset
-        .from_local_datetime(&t)
-        .single()
-        .map(|d| d.timestamp())
-}
-
-/// When the call started (unix seconds): `call_full.created_at` / `start_timestamp`
-/// if the tracker gave one, else the earliest channel `start_time`, else the end of
-/// the call minus its duration.
-fn started_at(call: &CallFull, offset: chrono::FixedOffset) -> i64 {
-    let view = crate::crm::call_view(call);
-    if let Some(t) = ["created_at", "start_timestamp"]
-        .iter()
-        .find_map(|k| view.get(*k).and_then(Value::as_i64))
-    {
-        return t;
-    }
-    let mut earliest: Option<i64> = local_time(
-        view.get("channel").and_then(|c| c.get("start_time")),
-        offset,
-    );
-    if let Some(convs) = view.get("conversations").and_then(Value::as_object) {
-        for conv in convs.values() {
-            if let Some(t) = local_time(
-                conv.get("channel").and_then(|c| c.get("start_time")),
-                offset,
-            ) {
-                earliest = Some(earliest.map_or(t, |e| e.min(t)));
-            }
-        }
-    }
-    earliest.unwrap_or_else(|| now_unix() - call.duration as i64)
+/// When the call started (unix seconds): `call_full.created_at` if a customization set
+/// it, else [`CallFull::started_at`] (the daemon stamps `start_timestamp` from the
+/// tracker's times at `[calls] time_offset`; unstamped times are read as UTC, the
+/// tracker's default), else the end of the call minus its duration.
+fn started_at(call: &CallFull) -> i64 {
+    use chrono::Offset;
+    call.extra
+        .get("created_at")
+        .and_then(Value::as_i64)
+        .or_else(|| call.started_at(chrono::Utc.fix()))
+        .unwrap_or_else(|| now_unix() - call.duration as i64)
 }
 
 /// Contacts' `_embedded.contacts` whose PHONE values end with the same 10 digits.
@@ -406,7 +380,6 @@ impl KommoConnector {
     ) -> Result<Self, KommoError> {
         let client = Arc::new(KommoClient::new(&cfg, store)?);
         let batches = Batches::new(&client, &cfg);
-        let offset = cfg.call_time_offset();
         Ok(KommoConnector {
             cfg,
             client,
@@ -414,7 +387,6 @@ impl KommoConnector {
             hooks,
             link_for: Arc::new(default_link),
             phone_field: OnceCell::new(),
-            offset,
             client_locks: ClientLocks::default(),
         })
     }
@@ -764,7 +736,7 @@ impl KommoConnector {
             let mut params = json!({
                 "source_uid": call.id,
                 "source_name": self.cfg.source,
-                "created_at": started_at(call, self.offset),
+                "created_at": started_at(call),
                 "metadata": {
                     "is_call_event_needed": false,
                     "uniq": call.id,
@@ -772,7 +744,7 @@ impl KommoConnector {
                     "service_code": self.cfg.source,
                     "link": (self.link_for)(call).unwrap_or_default(),
                     "phone": phone,
-                    "called_at": started_at(call, self.offset),
+                    "called_at": started_at(call),
                     "from": phone,
                 },
                 "_embedded": {"leads": [lead], "contacts": [contact]},
@@ -1043,7 +1015,7 @@ impl KommoConnector {
             "phone": phone,
             "call_status": status,
             "call_result": result,
-            "created_at": started_at(call, self.offset),
+            "created_at": started_at(call),
         });
         if let Some(link) = (self.link_for)(call) {
             params["link"] = json!(link);
@@ -1401,7 +1373,7 @@ impl KommoConnector {
                 return Ok(Some(Responsible {
                     extension: ext.to_string(),
                     // Asterisk's CallerID name holds 20 characters.
-                    name: c.name.chars().take(20).collect(),
+                    name: caller_id_name(&c.name),
                     entity: c.raw,
                 }));
             }
@@ -1501,22 +1473,17 @@ mod tests {
     }
 
     #[test]
-    fn start_time_from_channels() {
-        use chrono::TimeZone;
+    fn start_time_from_the_daemons_stamp_or_the_channels() {
         let mut c = call(Direction::Inbound);
-        c.extra["conversations"]["1.1"]["channel"]["start_time"] = json!("2026-11-21 23:47:41");
-        c.extra["conversations"]["1.2"]["channel"]["start_time"] = json!("0001-01-01 00:00:00");
-        let utc = chrono::FixedOffset::east_opt(0).unwrap();
-        let msk = chrono::FixedOffset::east_opt(3 * 3600).unwrap();
-        let want = chrono::Utc
-            .with_ymd_and_hms(2026, 11, 21, 23, 47, 41)
-            .unwrap()
-            .timestamp();
-        assert_eq!(started_at(&c, utc), want);
-        // The same wall-clock time written at +03:00 is three hours earlier.
-        assert_eq!(started_at(&c, msk), want - 3 * 3600);
+        c.channel.start_time = "2026-11-21 23:47:41".into();
+        // Unstamped (outside the daemon): the tracker's default offset, UTC.
+        assert_eq!(started_at(&c), 1795304861);
+        // The daemon's stamp carries `[calls] time_offset` (here +03:00).
+        c.extra
+            .insert("start_timestamp".into(), json!(1795304861 - 3 * 3600));
+        assert_eq!(started_at(&c), 1795304861 - 3 * 3600);
         c.extra.insert("created_at".into(), json!(5));
-        assert_eq!(started_at(&c, msk), 5);
+        assert_eq!(started_at(&c), 5, "a customization's created_at wins");
     }
 
     #[test]

@@ -110,10 +110,6 @@ pub struct KommoConfig {
     pub only_trunks: Vec<String>,
     /// Never register calls through these trunks or lines.
     pub ignore_trunks: Vec<String>,
-    /// The offset of call_full's times: `[calls] time_offset`, copied here when the
-    /// config is loaded (not a `[kommo]` key). Empty means UTC.
-    #[serde(skip)]
-    pub time_offset: String,
 }
 
 impl Default for KommoConfig {
@@ -151,18 +147,11 @@ impl Default for KommoConfig {
             ignore_internal_numbers: Vec::new(),
             only_trunks: Vec::new(),
             ignore_trunks: Vec::new(),
-            time_offset: String::new(),
         }
     }
 }
 
 impl KommoConfig {
-    /// The offset call_full's local times are written at (UTC when unset or invalid;
-    /// the tracker refuses an invalid one at start).
-    pub fn call_time_offset(&self) -> chrono::FixedOffset {
-        crate::calls::config::offset_or_utc(&self.time_offset)
-    }
-
     /// The internal number mapped to a Kommo user id, if any.
     pub fn extension_of(&self, user_id: i64) -> Option<&str> {
         self.users

@@ -24,15 +24,8 @@
 use serde_json::{Value, json};
 
 use super::KommoConfig;
+use super::connector::{as_id, caller_id_name};
 use crate::crm::{LearnedResponsible, Responsible};
-
-fn id_of(v: Option<&Value>) -> Option<i64> {
-    match v? {
-        Value::Number(n) => n.as_i64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
 
 /// Read a `register` report (`{"registered": true, "phone", "contact", "lead",
 /// "contact_update", ...}`). `None` when the call was not registered or no contact is
@@ -46,12 +39,12 @@ pub fn responsible_from_report(cfg: &KommoConfig, report: &Value) -> Option<Lear
         return None;
     }
     let contact = report.get("contact")?;
-    let contact_id = id_of(contact.get("id"))?;
+    let contact_id = as_id(contact.get("id"))?;
     let update = report.get("contact_update");
     let updated_to = update
         .filter(|u| u.get("updated") == Some(&Value::Bool(true)))
-        .and_then(|u| id_of(u.pointer("/params/responsible_user_id")));
-    let Some(user) = updated_to.or_else(|| id_of(contact.get("responsible_user_id"))) else {
+        .and_then(|u| as_id(u.pointer("/params/responsible_user_id")));
+    let Some(user) = updated_to.or_else(|| as_id(contact.get("responsible_user_id"))) else {
         // Kommo gave the contact some default user we do not know: drop what is cached.
         return Some(LearnedResponsible::NoRoute { phone });
     };
@@ -76,7 +69,7 @@ pub fn responsible_from_report(cfg: &KommoConfig, report: &Value) -> Option<Lear
                 "responsible_user_id": user,
                 "custom_fields_values": [{"field_code": "PHONE", "values": [{"value": phone}]}],
             });
-            let lead = id_of(report.pointer("/lead/id")).or_else(|| id_of(contact.get("lead_id")));
+            let lead = as_id(report.pointer("/lead/id")).or_else(|| as_id(contact.get("lead_id")));
             if let Some(lead) = lead {
                 e["_embedded"] = json!({"leads": [{"id": lead}]});
             }
@@ -87,8 +80,7 @@ pub fn responsible_from_report(cfg: &KommoConfig, report: &Value) -> Option<Lear
         phone,
         responsible: Responsible {
             extension: extension.to_string(),
-            // Same cut as the lookup: Asterisk's CallerID name holds 20 characters.
-            name: name.chars().take(20).collect(),
+            name: caller_id_name(&name),
             entity,
         },
     })
